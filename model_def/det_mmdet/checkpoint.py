@@ -1,0 +1,73 @@
+"""What a checkpoint holds besides Determined's own state, and finding checkpoints on disk.
+
+Every checkpoint directory gets ``model.pth`` (the bare model ``state_dict`` and
+``meta.dataset_meta``: tensors and plain Python types only, so ``torch.load(weights_only=True)``
+accepts it) and ``config.py`` (the resolved config, credentials redacted), which is exactly what
+``mmdet.apis.DetInferencer(model="config.py", weights="model.pth")`` needs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from determined import pytorch
+
+from det_mmdet.config import redact
+
+logger = logging.getLogger("det_mmdet")
+
+MODEL_FILE = "model.pth"
+CONFIG_FILE = "config.py"
+
+
+def plain(value: Any) -> Any:
+    """Tuples -> lists, numpy scalars -> Python: what ``weights_only`` loading allows."""
+    if isinstance(value, dict):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    if hasattr(value, "item") and not isinstance(value, torch.Tensor):
+        return value.item()
+    return value
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+def write_model_files(directory: Path, model: torch.nn.Module, cfg, dataset_meta: dict[str, Any]) -> None:
+    from mmengine.config import Config
+
+    meta = {k: dataset_meta[k] for k in ("classes", "palette") if k in dataset_meta}
+    state = {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()}
+    torch.save({"state_dict": state, "meta": {"dataset_meta": plain(meta)}}, directory / MODEL_FILE)
+    Config(redact(cfg.to_dict())).dump(str(directory / CONFIG_FILE))
+
+
+class ExportOnCheckpoint(pytorch.PyTorchCallback):
+    """Adds ``model.pth`` and ``config.py`` to each checkpoint as Determined writes it (chief only)."""
+
+    def __init__(self, trial) -> None:
+        self.trial = trial
+
+    def on_checkpoint_write_end(self, checkpoint_dir: str) -> None:
+        write_model_files(Path(checkpoint_dir), self.trial.model, self.trial.cfg, self.trial.train_set.metainfo)
+
+
+def is_complete(directory: Path) -> bool:
+    """Determined writes ``metadata.json`` last, after the trial's own files."""
+    return (directory / "metadata.json").is_file() and (directory / "state_dict.pth").is_file()
+
+
+def steps_completed(directory: Path) -> int:
+    return int(json.loads((directory / "metadata.json").read_text()).get("steps_completed", 0))
+
+
+def newest_checkpoint(checkpoints: Path) -> Path | None:
+    """The complete checkpoint with the most batches trained under ``checkpoints``, if any."""
+    done = [d for d in checkpoints.iterdir() if d.is_dir() and is_complete(d)] if checkpoints.is_dir() else []
+    return max(done, key=lambda d: (steps_completed(d), d.stat().st_mtime), default=None)

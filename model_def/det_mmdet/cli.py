@@ -1,0 +1,201 @@
+"""``det-mmdet``: resolve, print and train MMDetection experiments with Determined, locally.
+
+    det-mmdet train EXPERIMENT.yaml --print-config [--set key=value ...]
+    det-mmdet train EXPERIMENT.yaml [--max-batches N | --max-epochs N] [--validation-period N]
+        [--checkpoint-period N] [--output-dir DIR] [--slots K] [--resume] [--set key=value ...]
+    det-mmdet demo
+
+Bad input ends with one line ``error: ...`` on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from det_mmdet.errors import UserError
+
+logger = logging.getLogger("det_mmdet")
+
+
+def setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logger.setLevel(logging.DEBUG if verbose else logging.INFO)
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+        logger.propagate = False
+
+
+def add_train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("experiment", help="Determined experiment YAML")
+    p.add_argument("--print-config", action="store_true", help="print the resolved mmdet config and exit")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="dotted override applied after override_mmdet_config (repeatable)")
+    length = p.add_mutually_exclusive_group()
+    length.add_argument("--max-batches", type=int)
+    length.add_argument("--max-epochs", type=int)
+    p.add_argument("--validation-period", type=int, metavar="BATCHES")
+    p.add_argument("--checkpoint-period", type=int, metavar="BATCHES")
+    p.add_argument("--report-period", type=int, metavar="BATCHES", help="training metrics every N batches (10)")
+    p.add_argument("--output-dir", type=Path, help="default: ./runs/<name>-<time>")
+    p.add_argument("--slots", type=int, default=1, help="local processes (gloo on CPU, nccl on GPU)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output-dir")
+    p.add_argument("--verbose", action="store_true")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="det-mmdet", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser("train", help="train an experiment locally, or print its resolved config")
+    add_train_args(train)
+    train.set_defaults(func=cmd_train)
+    demo = sub.add_parser("demo", help="make a toy data set, train a small detector, draw the results")
+    demo.add_argument("--output-dir", type=Path, default=Path("runs/demo"))
+    demo.add_argument("--data-dir", type=Path, default=Path("data/shapes"))
+    demo.add_argument("--max-batches", type=int)
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        return int(args.func(args) or 0)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def resolve(args: argparse.Namespace):
+    from det_mmdet.config import build_config, load_experiment, parse_set
+
+    exp = load_experiment(args.experiment)
+    if is_chief():
+        for note in exp.notes:
+            logger.info(note)
+    return exp, build_config(exp, parse_set(args.set))
+
+
+def is_chief() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    setup_logging(args.verbose)
+    exp, cfg = resolve(args)
+    if args.print_config:
+        from det_mmdet.config import pretty_text
+
+        print(pretty_text(cfg))
+        return 0
+    if args.slots < 1:
+        raise UserError(f"--slots must be at least 1, got {args.slots}")
+    if args.resume and args.output_dir is None:
+        raise UserError("--resume needs --output-dir (the run to continue)")
+    output_dir = args.output_dir or Path("runs") / f"{exp.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if args.slots > 1 and "RANK" not in os.environ:
+        return launch_workers(args, output_dir)
+    return train_local(exp, cfg, output_dir, max_batches=args.max_batches, max_epochs=args.max_epochs,
+                       validation_period=args.validation_period, checkpoint_period=args.checkpoint_period,
+                       report_period=args.report_period, resume=args.resume)
+
+
+def train_local(exp, cfg, output_dir: Path, *, max_batches: int | None = None, max_epochs: int | None = None,
+                validation_period: int | None = None, checkpoint_period: int | None = None,
+                report_period: int | None = None, resume: bool = False) -> int:
+    """Train ``cfg`` in Determined's local mode (this process is one slot when WORLD_SIZE is set)."""
+    from determined import core
+
+    from det_mmdet import checkpoint, local, runner
+    from det_mmdet.config import redact
+    from det_mmdet.trial import MMDetTrial
+
+    plan = runner.schedule(cfg, exp.config, max_batches, max_epochs, validation_period, checkpoint_period,
+                           report_period)
+    latest = None
+    if resume:
+        newest = checkpoint.newest_checkpoint(output_dir / "checkpoints")
+        if newest is None:
+            raise UserError(f"--resume: no complete checkpoint in {output_dir / 'checkpoints'}")
+        latest = newest.name
+        if is_chief():
+            logger.info("resumed from batch %d (checkpoint %s)", checkpoint.steps_completed(newest), newest)
+
+    distributed = None
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        import torch
+        import torch.distributed as dist
+
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        distributed = core.DistributedContext.from_torch_distributed()
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    if is_chief():
+        from mmengine.config import Config
+
+        Config(redact(cfg.to_dict())).dump(str(output_dir / "config.py"))
+        logger.info("training %s -> %s", exp.name, output_dir)
+    accumulate = int((cfg.optim_wrapper or {}).get("accumulative_counts", 1))
+    with local.local_context(exp.hparams, exp.config, output_dir, distributed, accumulate) as context:
+        trial = MMDetTrial(context, cfg)
+        runner.fit(trial, context, plan, latest, checkpoint_policy="all")
+    return 0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_workers(args: argparse.Namespace, output_dir: Path) -> int:
+    """One process per slot with torchrun's environment; any failure stops them all."""
+    argv = [a for a in args.argv]
+    if args.output_dir is None:
+        argv += ["--output-dir", str(output_dir)]
+    port = free_port()
+    procs = []
+    for rank in range(args.slots):
+        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(args.slots),
+                   LOCAL_WORLD_SIZE=str(args.slots), GROUP_RANK="0", GROUP_WORLD_SIZE="1",
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), USE_TORCH_DISTRIBUTED="1")
+        procs.append(subprocess.Popen([sys.executable, "-m", "det_mmdet.cli", *argv], env=env))
+    code = 0
+    while procs:
+        for p in list(procs):
+            rc = p.poll()
+            if rc is None:
+                continue
+            procs.remove(p)
+            if rc != 0 and code == 0:
+                code = rc
+                for other in procs:
+                    other.terminate()
+        time.sleep(0.2)
+    return code
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    setup_logging()
+    from det_mmdet import demo
+
+    return demo.run(args.output_dir, args.data_dir, args.max_batches)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,402 @@
+"""Experiment YAML -> final mmengine ``Config``.
+
+Resolution order (later wins):
+1. ``hyperparameters.config_file``: a path, a name inside mmdet's packaged configs, or one under
+   ``$MMDETECTION_CONFIG_DIR``;
+2. ``hyperparameters.merge_config``: an mmdet-format partial config merged in (``_delete_`` works);
+3. ``hyperparameters.override_mmdet_config``: dotted keys -> values (data, never code);
+4. ``--set key=value`` from the command line;
+and ``data.backend_args`` / ``data.file_client_args`` substituted into every loader and evaluator.
+"""
+
+from __future__ import annotations
+
+import ast
+import copy
+import difflib
+import logging
+import os
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from det_mmdet.errors import UserError
+
+logger = logging.getLogger("det_mmdet")
+
+# model_def/, the Determined context directory: the cluster's working directory.
+CONTEXT_DIR = Path(__file__).resolve().parent.parent
+
+# Top-level names mmengine's Runner understands even when a config does not set them.
+MMENGINE_FIELDS = frozenset(
+    """model data_preprocessor train_dataloader val_dataloader test_dataloader train_cfg val_cfg
+    test_cfg optim_wrapper param_scheduler val_evaluator test_evaluator auto_scale_lr default_hooks
+    custom_hooks default_scope env_cfg log_processor log_level load_from resume launcher randomness
+    visualizer vis_backends work_dir experiment_name custom_imports model_wrapper_cfg backend_args
+    data_root dataset_type metainfo classes compile cfg strategy""".split()
+)
+
+SEARCH_TYPES = ("const", "int", "double", "log", "categorical")
+
+# Pipeline steps and evaluators that read files and therefore take ``backend_args``.
+FILE_READERS = frozenset(
+    {
+        "LoadImageFromFile",
+        "LoadAnnotations",
+        "LoadPanopticAnnotations",
+        "LoadMultiChannelImageFromFiles",
+        "LoadTrackAnnotations",
+        "mmdet.LoadImageFromFile",
+        "mmdet.LoadAnnotations",
+    }
+)
+
+SECRET_KEY = re.compile(r"secret|password|passwd|token|access_key|key_id|credential", re.I)
+
+
+@dataclass
+class Experiment:
+    """An experiment YAML with its hyperparameters resolved to concrete values."""
+
+    path: Path | None
+    config: dict[str, Any]
+    hparams: dict[str, Any]
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def data(self) -> dict[str, Any]:
+        return self.config.get("data") or {}
+
+    @property
+    def name(self) -> str:
+        if self.config.get("name"):
+            return str(self.config["name"])
+        return self.path.stem if self.path else "experiment"
+
+
+# ---------------------------------------------------------------------------------------------
+# Experiment YAML and Determined search spaces
+
+
+def load_yaml(path: Path, what: str) -> Any:
+    if not path.is_file():
+        raise UserError(f"{what} {path}: no such file")
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise UserError(f"{what} {path}: invalid YAML{where}: {e.problem}") from None
+    except yaml.YAMLError as e:
+        raise UserError(f"{what} {path}: invalid YAML: {e}") from None
+
+
+def load_experiment(path: str | Path) -> Experiment:
+    path = Path(path)
+    raw = load_yaml(path, "experiment")
+    if not isinstance(raw, dict):
+        raise UserError(f"experiment {path}: expected a mapping at the top, got {type(raw).__name__}")
+    return experiment_from_dict(raw, path)
+
+
+def experiment_from_dict(raw: dict[str, Any], path: Path | None = None) -> Experiment:
+    """``raw`` is an experiment config; its hyperparameters may still be search spaces."""
+    hps = raw.get("hyperparameters") or {}
+    if not isinstance(hps, dict):
+        raise UserError(f"{path or 'experiment'}: hyperparameters must be a mapping")
+    notes: list[str] = []
+    values = resolve_search_spaces(hps, "", notes)
+    return Experiment(path=path, config=raw, hparams=values, notes=notes)
+
+
+def resolve_search_spaces(node: Any, name: str, notes: list[str]) -> Any:
+    """Pick the documented local value for every Determined search space in ``node``.
+
+    const -> val, int/double -> midpoint, log -> base ** midpoint exponent, categorical -> first.
+    On a cluster Determined samples these instead and hands the trial plain values.
+    """
+    if not isinstance(node, dict):
+        return node
+    kind = node.get("type")
+    if kind is None:
+        return {k: resolve_search_spaces(v, f"{name}.{k}" if name else str(k), notes) for k, v in node.items()}
+    if kind not in SEARCH_TYPES:
+        raise UserError(
+            f"hyperparameter {name}: type {kind!r} is not a Determined search space "
+            f"({', '.join(SEARCH_TYPES)}); wrap a mapping value as {{type: const, val: ...}}"
+        )
+    try:
+        if kind == "const":
+            return node["val"]
+        if kind == "categorical":
+            value = node["vals"][0]
+            how = "first category"
+        elif kind == "int":
+            value = (int(node["minval"]) + int(node["maxval"])) // 2
+            how = "midpoint"
+        elif kind == "double":
+            value = (float(node["minval"]) + float(node["maxval"])) / 2
+            how = "midpoint"
+        else:  # log
+            base = float(node.get("base", 10))
+            value = base ** ((float(node["minval"]) + float(node["maxval"])) / 2)
+            how = f"base {base:g} to the midpoint exponent"
+    except (KeyError, IndexError, TypeError, ValueError) as e:
+        raise UserError(f"hyperparameter {name}: malformed {kind} search space ({e!r})") from None
+    notes.append(f"hyperparameter {name}: {kind} search space -> {value!r} locally ({how})")
+    return value
+
+
+# ---------------------------------------------------------------------------------------------
+# Finding and loading mmdet config files
+
+
+def mmdet_config_dirs() -> list[Path]:
+    dirs = []
+    if os.environ.get("MMDETECTION_CONFIG_DIR"):
+        dirs.append(Path(os.environ["MMDETECTION_CONFIG_DIR"]))
+    import mmdet
+
+    dirs.append(Path(mmdet.__file__).parent / ".mim" / "configs")
+    return dirs
+
+
+def locate(name: str, what: str, base_dirs: Iterable[Path], packaged: bool) -> Path:
+    """Find ``name`` as given, relative to ``base_dirs``, then (if ``packaged``) in mmdet's configs."""
+    name = str(name)
+    bare = name.removeprefix("mmdet::")
+    candidates = [Path(name).expanduser()]
+    if not Path(bare).is_absolute():
+        candidates += [d / bare for d in base_dirs]
+        if packaged:
+            candidates += [d / bare for d in mmdet_config_dirs()]
+    for c in candidates:
+        if c.is_file():
+            return c.resolve()
+    looked = ", ".join(dict.fromkeys(str(c) for c in candidates))
+    raise UserError(f"{what} {name!r} not found; looked in: {looked}")
+
+
+def load_config_file(path: Path, what: str):
+    """Load an mmengine config (``.py``, ``.yaml``/``.yml``, ``.json``) with a one-line error."""
+    from mmengine.config import Config
+
+    if path.suffix == ".py":
+        try:
+            ast.parse(path.read_text(), filename=str(path))
+        except SyntaxError as e:
+            raise UserError(f"{what} {path}: syntax error at line {e.lineno}: {e.msg}") from None
+    elif path.suffix in (".yaml", ".yml", ".json"):
+        load_yaml(path, what)  # one-line error for a parse failure
+    else:
+        raise UserError(f"{what} {path}: unsupported file type {path.suffix!r} (use .py, .yaml, .yml or .json)")
+    try:
+        return Config.fromfile(str(path))
+    except (FileNotFoundError, KeyError, NameError, ImportError, TypeError) as e:
+        raise UserError(f"{what} {path}: cannot load: {e}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Dotted-key overrides
+
+
+def parse_set(items: Iterable[str]) -> dict[str, Any]:
+    """``key=value`` pairs from the command line; values are parsed as YAML data."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"--set {item!r}: expected key=value")
+        try:
+            out[key.strip()] = yaml.safe_load(text) if text.strip() else ""
+        except yaml.YAMLError:
+            raise UserError(f"--set {item!r}: value is not valid YAML") from None
+    return out
+
+
+def apply_overrides(cfg: dict[str, Any], overrides: Mapping[str, Any], source: str) -> None:
+    """Set every dotted key of ``overrides`` in ``cfg`` (a plain nested dict), in order."""
+    if not isinstance(overrides, Mapping):
+        raise UserError(f"{source} must be a mapping of dotted keys to values, got {type(overrides).__name__}")
+    for key, value in overrides.items():
+        key = str(key)
+        top = key.split(".")[0]
+        if top not in cfg and top not in MMENGINE_FIELDS:
+            close = difflib.get_close_matches(top, sorted(set(cfg) | MMENGINE_FIELDS), n=1, cutoff=0.6)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise UserError(f"{source}: unknown key {key!r}: {top!r} is not in the config{hint}")
+        set_dotted(cfg, key, value, source)
+
+
+def set_dotted(root: dict[str, Any], key: str, value: Any, source: str) -> None:
+    parts = key.split(".")
+    node: Any = root
+    for depth, part in enumerate(parts):
+        here = ".".join(parts[: depth + 1])
+        last = depth == len(parts) - 1
+        if isinstance(node, dict):
+            if last:
+                _assign(node, part, value)
+                return
+            if node.get(part) is None:
+                node[part] = {}
+            node = node[part]
+        elif isinstance(node, (list, tuple)):
+            if not re.fullmatch(r"-?\d+", part) or not -len(node) <= int(part) < len(node):
+                raise UserError(f"{source}: {key!r}: {here!r} is not an index of a list of {len(node)} items")
+            if last:
+                if isinstance(node, tuple):
+                    raise UserError(f"{source}: {key!r}: {'.'.join(parts[:depth])!r} is a tuple; set it whole")
+                node[int(part)] = _merged(node[int(part)], value)
+                return
+            node = node[int(part)]
+        else:
+            parent = ".".join(parts[:depth])
+            raise UserError(f"{source}: cannot set {key!r}: {parent!r} is {node!r}, not a mapping or list")
+
+
+def _assign(node: dict[str, Any], key: str, value: Any) -> None:
+    node[key] = _merged(node.get(key), value)
+
+
+def _merged(old: Any, new: Any) -> Any:
+    """A mapping merges into a mapping (mmengine semantics; ``_delete_: true`` replaces)."""
+    if isinstance(new, dict) and isinstance(old, dict) and not new.get("_delete_"):
+        out = dict(old)
+        for k, v in new.items():
+            out[k] = _merged(old.get(k), v)
+        return out
+    if isinstance(new, dict):
+        return {k: v for k, v in new.items() if k != "_delete_"}
+    return copy.deepcopy(new)
+
+
+def flatten_overrides(node: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Determined may hand nested hyperparameters; a nested mapping means the same as dotted keys."""
+    out: dict[str, Any] = {}
+    for k, v in node.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if isinstance(v, dict) and v and not v.get("_delete_") and "type" not in v:
+            out.update(flatten_overrides(v, key))
+        else:
+            out[key] = v
+    return out
+
+
+def rebase_data_root(node: Any, old: str, new: str) -> None:
+    """A new top-level ``data_root`` reaches every dataset and evaluator that used the old one.
+
+    mmengine substitutes ``data_root`` into the datasets when the file is read, so overriding the
+    top-level name alone would change nothing; here it does what a user means by it.
+    """
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "data_root" and value == old:
+                node[key] = new
+            elif key in ("ann_file", "seg_prefix") and isinstance(value, str) and value.startswith(old):
+                node[key] = new + value[len(old) :]
+            else:
+                rebase_data_root(value, old, new)
+    elif isinstance(node, (list, tuple)):
+        for value in node:
+            rebase_data_root(value, old, new)
+
+
+# ---------------------------------------------------------------------------------------------
+# Storage backends
+
+
+def backend_args_from_data(data: Mapping[str, Any]) -> dict[str, Any] | None:
+    """``data.backend_args`` (mmengine form) or ``data.file_client_args`` (the old model-hub form)."""
+    if data.get("backend_args") is not None and data.get("file_client_args") is not None:
+        raise UserError("data: give either backend_args or file_client_args, not both")
+    args = data.get("backend_args", data.get("file_client_args"))
+    if args is None:
+        return None
+    if not isinstance(args, Mapping) or "backend" not in args:
+        raise UserError(f"data.backend_args must be a mapping with a 'backend' key, got {args!r}")
+    args = dict(args)
+    if args["backend"] in ("disk", "local"):
+        return None  # mmengine's default: local files
+    return args
+
+
+def substitute_backend_args(node: Any, backend_args: dict[str, Any] | None) -> int:
+    """Put ``backend_args`` on every file-reading step, dataset and evaluator; returns the count."""
+    count = 0
+    if isinstance(node, dict):
+        kind = str(node.get("type", ""))
+        reads_files = kind in FILE_READERS or kind.endswith("Metric") or "ann_file" in node
+        if reads_files or "backend_args" in node:
+            node["backend_args"] = copy.deepcopy(backend_args)
+            count += 1
+        for v in node.values():
+            count += substitute_backend_args(v, backend_args)
+    elif isinstance(node, (list, tuple)):
+        for v in node:
+            count += substitute_backend_args(v, backend_args)
+    return count
+
+
+def redact(node: Any) -> Any:
+    """A copy with every credential-looking value replaced, for printing and saving."""
+    if isinstance(node, dict):
+        return {k: "***" if SECRET_KEY.search(str(k)) and v else redact(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [redact(v) for v in node]
+    if isinstance(node, tuple):
+        return tuple(redact(v) for v in node)
+    return node
+
+
+# ---------------------------------------------------------------------------------------------
+# The whole resolution
+
+
+def build_config(exp: Experiment, sets: Mapping[str, Any] | None = None):
+    """The final mmengine ``Config`` for ``exp`` plus command-line ``sets``."""
+    from mmengine.config import Config
+
+    hp = exp.hparams
+    where = str(exp.path) if exp.path else "experiment"
+    if "config_file" not in hp:
+        raise UserError(f"{where}: hyperparameters.config_file is required")
+    if "global_batch_size" not in hp:
+        raise UserError(f"{where}: hyperparameters.global_batch_size is required (Determined splits it across slots)")
+    bases = [Path.cwd()] + ([exp.path.parent.resolve()] if exp.path else []) + [CONTEXT_DIR]
+
+    cfg_path = locate(hp["config_file"], "config_file", bases, packaged=True)
+    cfg = load_config_file(cfg_path, "config_file")
+    if hp.get("merge_config"):
+        merge_path = locate(hp["merge_config"], "merge_config", bases, packaged=False)
+        cfg.merge_from_dict(load_config_file(merge_path, "merge_config").to_dict())
+
+    tree = cfg.to_dict()
+    overrides = hp.get("override_mmdet_config") or {}
+    if not isinstance(overrides, Mapping):
+        raise UserError(f"{where}: hyperparameters.override_mmdet_config must be a mapping")
+    data_root = tree.get("data_root")
+    apply_overrides(tree, flatten_overrides(overrides), "override_mmdet_config")
+    apply_overrides(tree, sets or {}, "--set")
+    if isinstance(data_root, str) and data_root and tree.get("data_root") != data_root:
+        new_root = str(tree["data_root"])
+        if data_root.endswith("/") and not new_root.endswith("/"):
+            tree["data_root"] = new_root = new_root + "/"
+        rebase_data_root(tree, data_root, new_root)
+
+    backend_args = backend_args_from_data(exp.data)
+    if backend_args is not None or exp.data.get("backend_args") or exp.data.get("file_client_args"):
+        substitute_backend_args(tree, backend_args)
+
+    return Config(tree, filename=str(cfg_path))
+
+
+def pretty_text(cfg) -> str:
+    """mmengine's pretty text of ``cfg`` with credentials redacted."""
+    from mmengine.config import Config
+
+    return Config(redact(cfg.to_dict()), filename=cfg.filename).pretty_text

@@ -1,0 +1,65 @@
+"""mmdet evaluators (CocoMetric, ...) over a validation set sharded across slots.
+
+Each slot runs ``metric.process`` on its own batches in ``evaluate_batch``; the per-image results
+are gathered through a Determined ``MetricReducer``, deduplicated by image id, put back in dataset
+order and scored once on the chief with ``metric.compute_metrics``. (An mmengine ``Evaluator``
+gathering on its own would hang: Determined runs full-dataset evaluation on the chief alone.)
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from determined import pytorch
+
+
+def _image_id(result: Any) -> Any:
+    """The image id inside one metric result (CocoMetric stores ``(gt, pred)`` pairs)."""
+    for part in result if isinstance(result, (tuple, list)) else (result,):
+        if isinstance(part, dict) and "img_id" in part:
+            return part["img_id"]
+    return None
+
+
+class EvaluatorReducer(pytorch.MetricReducer):
+    """Collects results of every metric of an mmengine ``Evaluator`` and scores them once."""
+
+    def __init__(self, evaluator, is_chief: bool) -> None:
+        self.evaluator = evaluator
+        self.is_chief = is_chief
+        self.reset()
+
+    def reset(self) -> None:
+        self.results: list[list[Any]] = [[] for _ in self.evaluator.metrics]
+
+    def update(self, data_batch: dict[str, Any], outputs: list[Any]) -> None:
+        self.evaluator.process(data_samples=outputs, data_batch=data_batch)
+        for store, metric in zip(self.results, self.evaluator.metrics):
+            store.extend(metric.results)
+            metric.results.clear()
+
+    def per_slot_reduce(self) -> list[list[Any]]:
+        return self.results
+
+    def cross_slot_reduce(self, per_slot: list[list[list[Any]]]) -> dict[str, float]:
+        if not self.is_chief:
+            return {}
+        metrics: dict[str, float] = {}
+        for i, metric in enumerate(self.evaluator.metrics):
+            keyed: dict[Any, Any] = {}
+            unkeyed: list[Any] = []
+            for slot in per_slot:
+                for result in slot[i]:
+                    key = _image_id(result)
+                    if key is None:
+                        unkeyed.append(result)
+                    else:
+                        keyed.setdefault(key, result)  # an image seen twice (loader padding) counts once
+            ordered = [keyed[k] for k in sorted(keyed)] + unkeyed
+            metrics["val_images"] = float(len(ordered))
+            for key, value in metric.compute_metrics(ordered).items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    # pycocotools writes -1 for "no ground truth of this size"; NaN means the same.
+                    metrics[key] = -1.0 if math.isnan(value) else float(value)
+        return metrics

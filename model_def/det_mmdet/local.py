@@ -1,0 +1,145 @@
+"""Determined's local mode, as ``det-mmdet train`` runs it: no master, same trial, same Trainer.
+
+``pytorch.init()`` keeps local checkpoints under ``~/.local/share/determined``; here the core
+context is assembled from Determined's own local ("dummy") parts so that checkpoints land in
+``OUTPUT/checkpoints/<uuid>/`` (written under a temporary name and renamed when complete) and
+every metrics report is appended to ``OUTPUT/metrics.jsonl`` and shown on a progress bar.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import pathlib
+import shutil
+from collections.abc import Iterator
+from typing import Any
+
+from determined import core, pytorch
+from determined.common.storage import SharedFSStorageManager
+
+logger = logging.getLogger("det_mmdet")
+
+PARTIAL = ".partial-"
+
+
+class AtomicStorage(SharedFSStorageManager):
+    """A checkpoint directory appears under its final name only once it is completely written."""
+
+    def __init__(self, base_path: str) -> None:
+        super().__init__(base_path)
+        for leftover in pathlib.Path(base_path).glob(PARTIAL + "*"):
+            shutil.rmtree(leftover)  # from a process that was killed mid-write
+
+    def pre_store_path(self, dst: str) -> pathlib.Path:
+        path = pathlib.Path(self._base_path, PARTIAL + dst)
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def post_store_path(self, src: str | os.PathLike, dst: str) -> None:
+        os.replace(src, pathlib.Path(self._base_path, dst))
+
+
+class LocalTrainContext(core.DummyTrainContext):
+    """Writes each report to ``metrics.jsonl`` and keeps a progress bar (chief only)."""
+
+    def __init__(self, metrics_path: pathlib.Path, total: str, show_progress: bool) -> None:
+        super().__init__()
+        self.metrics_path = metrics_path
+        self.total = total
+        self.bar = None
+        if show_progress:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=1000, desc="train", unit="‰", bar_format="{l_bar}{bar}| {elapsed}<{remaining}{postfix}")
+
+    def _report_trial_metrics(
+        self,
+        group: str,
+        steps_completed: int,
+        metrics: dict[str, Any],
+        batch_metrics: list[dict[str, Any]] | None = None,
+    ) -> None:
+        values = {k: _number(v) for k, v in metrics.items() if k not in ("batches", "epochs")}
+        record = {"group": group, "batches": metrics.get("batches", steps_completed), "epochs": metrics.get("epochs", 0),
+                  "metrics": values}
+        with self.metrics_path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        shown = {k: v for k, v in values.items() if k in ("loss", "lr", "bbox_mAP", "segm_mAP")}
+        line = f"[{group} @ batch {record['batches']}] " + " ".join(f"{k}={v:.4g}" for k, v in shown.items())
+        if self.bar is not None:
+            self.bar.set_postfix_str(line, refresh=True)
+            if group == "validation":
+                self.bar.write(line)
+        else:
+            logger.info(line)
+
+    def report_progress(self, progress: float) -> None:
+        if self.bar is not None:
+            self.bar.update(round(progress * 1000) - self.bar.n)
+
+    def set_status(self, status: str) -> None:
+        logger.debug("status: %s", status)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _number(value: Any) -> Any:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return value
+    return None if math.isnan(number) else number
+
+
+@contextlib.contextmanager
+def local_context(
+    hparams: dict[str, Any],
+    exp_conf: dict[str, Any],
+    output_dir: pathlib.Path,
+    distributed: core.DistributedContext | None,
+    aggregation_frequency: int = 1,
+    show_progress: bool = True,
+) -> Iterator[pytorch.PyTorchTrialContext]:
+    """What ``det.pytorch.init()`` builds off-cluster, with our storage and metrics sinks."""
+    distributed = distributed or core.DummyDistributedContext()
+    storage_dir = output_dir / "checkpoints"
+    storage_dir.mkdir(parents=True, exist_ok=True)
+    chief = distributed.get_rank() == 0
+    train = LocalTrainContext(output_dir / "metrics.jsonl", "", show_progress and chief)
+    core_context = core.Context(
+        checkpoint=core.DummyCheckpointContext(distributed, AtomicStorage(str(storage_dir))),
+        distributed=distributed,
+        preempt=core.DummyPreemptContext(distributed, core.PreemptMode.WorkersAskChief),
+        train=train,
+        searcher=core.DummySearcherContext(distributed),
+        profiler=core.DummyProfilerContext(),
+    )
+    try:
+        with core_context:
+            yield pytorch.PyTorchTrialContext(
+                core_context=core_context,
+                trial_seed=None,
+                hparams=hparams,
+                slots_per_trial=distributed.get_size(),
+                num_gpus=_num_gpus(),
+                exp_conf=exp_conf,
+                aggregation_frequency=aggregation_frequency,
+                steps_completed=0,
+                managed_training=True,
+                debug_enabled=False,
+                enable_tensorboard_logging=False,
+            )
+    finally:
+        train.close()
+
+
+def _num_gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count()

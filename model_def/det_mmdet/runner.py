@@ -1,0 +1,85 @@
+"""One ``fit`` for both worlds: training length and periods, then Determined's ``Trainer``.
+
+Lengths come from the command line (``--max-batches`` / ``--max-epochs``), else from the
+searcher (``time_metric`` + ``max_time``, what ASHA stops on), else from the mmdet config's
+``train_cfg`` (``max_epochs`` / ``max_iters``). Periods are in batches when given; otherwise
+validation follows ``train_cfg.val_interval`` in the loop's own unit.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from determined import pytorch
+
+from det_mmdet.errors import UserError
+
+logger = logging.getLogger("det_mmdet")
+
+
+@dataclass
+class Schedule:
+    max_length: pytorch.TrainUnit
+    validation_period: pytorch.TrainUnit | None
+    checkpoint_period: pytorch.TrainUnit | None
+    reporting_period: pytorch.TrainUnit
+
+
+def schedule(
+    cfg,
+    exp_conf: dict[str, Any],
+    max_batches: int | None = None,
+    max_epochs: int | None = None,
+    validation_period: int | None = None,
+    checkpoint_period: int | None = None,
+    reporting_period: int | None = None,
+) -> Schedule:
+    if max_batches is not None and max_epochs is not None:
+        raise UserError("give --max-batches or --max-epochs, not both")
+    for name, value in (("--max-batches", max_batches), ("--max-epochs", max_epochs),
+                        ("--validation-period", validation_period), ("--checkpoint-period", checkpoint_period),
+                        ("--report-period", reporting_period)):
+        if value is not None and value < 1:
+            raise UserError(f"{name} must be a positive number of batches/epochs, got {value}")
+
+    train_cfg = cfg.get("train_cfg") or {}
+    epoch_based = "max_epochs" in train_cfg or train_cfg.get("type") == "EpochBasedTrainLoop"
+    searcher = exp_conf.get("searcher") or {}
+    if max_batches is not None:
+        length: pytorch.TrainUnit = pytorch.Batch(max_batches)
+    elif max_epochs is not None:
+        length = pytorch.Epoch(max_epochs)
+    elif searcher.get("time_metric") in ("batches", "epochs") and searcher.get("max_time"):
+        unit = pytorch.Batch if searcher["time_metric"] == "batches" else pytorch.Epoch
+        length = unit(int(searcher["max_time"]))
+    elif epoch_based and train_cfg.get("max_epochs"):
+        length = pytorch.Epoch(int(train_cfg["max_epochs"]))
+    elif train_cfg.get("max_iters"):
+        length = pytorch.Batch(int(train_cfg["max_iters"]))
+    else:
+        raise UserError("training length unknown: pass --max-batches or --max-epochs (train_cfg has neither)")
+
+    if validation_period is not None:
+        val: pytorch.TrainUnit | None = pytorch.Batch(validation_period)
+    elif train_cfg.get("val_interval"):
+        val = (pytorch.Epoch if epoch_based else pytorch.Batch)(int(train_cfg["val_interval"]))
+    else:
+        val = None
+    ckpt = pytorch.Batch(checkpoint_period) if checkpoint_period else None
+    report = pytorch.Batch(reporting_period or 10)
+    return Schedule(length, val, ckpt, report)
+
+
+def fit(trial: pytorch.PyTorchTrial, context: pytorch.PyTorchTrialContext, plan: Schedule,
+        latest_checkpoint: str | None, checkpoint_policy: str = "best") -> None:
+    trainer = pytorch.Trainer(trial, context)
+    trainer.fit(
+        max_length=plan.max_length,
+        validation_period=plan.validation_period,
+        checkpoint_period=plan.checkpoint_period,
+        reporting_period=plan.reporting_period,
+        latest_checkpoint=latest_checkpoint,
+        checkpoint_policy=checkpoint_policy,
+    )

@@ -1,0 +1,228 @@
+"""``MMDetTrial``: an MMDetection 3.x config trained by Determined's ``PyTorchTrial`` machinery.
+
+mmdet builds the model, datasets, optimizer, schedulers and evaluator from the resolved config;
+Determined owns the loop: sharding, gradient exchange (``context.backward`` /
+``context.step_optimizer``), checkpoints, validation periods and the searcher. One training step:
+
+    data = model.data_preprocessor(batch, training=True)
+    loss, terms = model.parse_losses(model(**data, mode="loss"))
+    context.backward(loss); context.step_optimizer(optimizer, clip_grads)
+    step per-iteration schedulers (and per-epoch ones at an epoch's end)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import random
+from typing import Any
+
+import numpy as np
+import determined as det
+import torch
+import torch.distributed as dist
+from determined import pytorch
+
+from det_mmdet import checkpoint, data
+from det_mmdet.errors import UserError
+from det_mmdet.evaluation import EvaluatorReducer
+
+logger = logging.getLogger("det_mmdet")
+
+
+def per_slot_batch_size(global_batch_size: int, slots: int) -> int:
+    if global_batch_size % slots:
+        raise UserError(
+            f"hyperparameters.global_batch_size {global_batch_size} is not divisible by {slots} slots"
+        )
+    return global_batch_size // slots
+
+
+def seed_everything(seed: int, deterministic: bool = False) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+
+
+class MMDetTrial(pytorch.PyTorchTrial):
+    def __init__(self, context: pytorch.PyTorchTrialContext, cfg) -> None:
+        from mmengine.registry import init_default_scope
+
+        self.context = context
+        self.cfg = cfg
+        init_default_scope(cfg.get("default_scope", "mmdet"))
+        self.rank = context.distributed.get_rank()
+        slots = context.distributed.get_size()
+        self.batch_size = per_slot_batch_size(int(context.get_global_batch_size()), slots)
+
+        randomness = cfg.get("randomness") or {}
+        info = det.get_cluster_info()
+        on_cluster = info is not None and info.task_type == "TRIAL"
+        # On a cluster each trial has its own seed; locally the config's (mmengine's randomness.seed).
+        self.seed = context.get_trial_seed() if on_cluster else int(randomness.get("seed") or 0)
+        seed_everything(self.seed, bool(randomness.get("deterministic", False)))
+
+        self.train_set = data.build_dataset(cfg.train_dataloader.dataset, "train_dataloader.dataset")
+        self.val_set = data.build_dataset(cfg.val_dataloader.dataset, "val_dataloader.dataset")
+        self.classes = list(self.train_set.metainfo.get("classes", ()))
+
+        model = self._build_model(cfg)
+        self.model = context.wrap_model(model)
+        self.optimizer, self.clip_grad, self.autocast, scaler = self._build_optimizer(cfg, model)
+        self.scaler = context.wrap_scaler(scaler) if scaler is not None else None
+        epoch_len = self._epoch_length(slots)
+        self.iter_schedulers, self.epoch_schedulers = self._build_schedulers(cfg, epoch_len)
+
+        self.reducer = context.wrap_reducer(
+            EvaluatorReducer(self._build_evaluator(cfg), is_chief=self.rank == 0), for_training=False
+        )
+
+    # ---- construction --------------------------------------------------------------------------
+
+    def _build_model(self, cfg):
+        from mmdet.registry import MODELS
+
+        model = MODELS.build(cfg.model)
+        model.init_weights()
+        n_classes = _num_classes(cfg.model)
+        if n_classes is not None and self.classes and n_classes != len(self.classes):
+            raise UserError(
+                f"model num_classes is {n_classes} but the training set has {len(self.classes)} classes "
+                f"({', '.join(self.classes[:5])}{', ...' if len(self.classes) > 5 else ''})"
+            )
+        return model
+
+    def _build_optimizer(self, cfg, model):
+        """Optimizer with mmengine's param-wise rules; clipping and AMP are applied by us."""
+        from mmengine.optim import build_optim_wrapper
+
+        wrapper_cfg = copy.deepcopy(cfg.optim_wrapper.to_dict())
+        kind = wrapper_cfg.pop("type", "OptimWrapper")
+        clip_grad = wrapper_cfg.pop("clip_grad", None)
+        dtype = wrapper_cfg.pop("dtype", None)
+        for amp_only in ("loss_scale", "use_fsdp", "accumulative_counts"):
+            wrapper_cfg.pop(amp_only, None)  # accumulative_counts -> Determined aggregation_frequency
+        built = build_optim_wrapper(model, dict(type="OptimWrapper", **wrapper_cfg))
+        optimizer = self.context.wrap_optimizer(built.optimizer)
+
+        autocast: contextlib.AbstractContextManager = contextlib.nullcontext()
+        scaler = None
+        if kind == "AmpOptimWrapper":
+            device = self.context.device.type
+            amp_dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(
+                dtype or ("float16" if device == "cuda" else "bfloat16")
+            )
+            if amp_dtype is None:
+                raise UserError(f"optim_wrapper.dtype {dtype!r}: choose float16 or bfloat16")
+            autocast = torch.autocast(device_type=device, dtype=amp_dtype)
+            if device == "cuda" and amp_dtype == torch.float16:
+                scaler = torch.amp.GradScaler("cuda")
+        elif kind != "OptimWrapper":
+            raise UserError(f"optim_wrapper.type {kind!r}: choose OptimWrapper or AmpOptimWrapper")
+        return optimizer, clip_grad, autocast, scaler
+
+    def _epoch_length(self, slots: int) -> int:
+        batches = -(-len(self.train_set) // self.batch_size)
+        return max(1, batches // slots)
+
+    def _build_schedulers(self, cfg, epoch_len: int):
+        from mmengine.registry import PARAM_SCHEDULERS
+
+        specs = cfg.get("param_scheduler") or []
+        specs = [specs] if isinstance(specs, dict) else specs
+        per_iter, per_epoch = [], []
+        for spec in specs:
+            spec = copy.deepcopy(dict(spec))
+            default_args = {"optimizer": self.optimizer, "epoch_length": epoch_len}
+            scheduler = PARAM_SCHEDULERS.build(spec, default_args=default_args)
+            self.context.wrap_lr_scheduler(scheduler, pytorch.LRScheduler.StepMode.MANUAL_STEP)
+            (per_epoch if scheduler.by_epoch else per_iter).append(scheduler)
+        return per_iter, per_epoch
+
+    def _build_evaluator(self, cfg):
+        from mmengine.evaluator import Evaluator
+
+        evaluator = Evaluator(cfg.val_evaluator)
+        evaluator.dataset_meta = self.val_set.metainfo
+        return evaluator
+
+    # ---- Determined hooks ----------------------------------------------------------------------
+
+    def build_training_data_loader(self) -> pytorch.DataLoader:
+        return data.train_loader(self.train_set, self.cfg.train_dataloader, self.batch_size, self.seed)
+
+    def build_validation_data_loader(self) -> pytorch.DataLoader:
+        size = int(self.cfg.val_dataloader.get("batch_size", 1))
+        return data.val_loader(self.val_set, self.cfg.val_dataloader, size)
+
+    def get_batch_length(self, batch: dict[str, Any]) -> int:
+        return len(batch["inputs"])
+
+    def train_batch(self, batch: dict[str, Any], epoch_idx: int, batch_idx: int) -> dict[str, Any]:
+        with self.autocast:
+            inputs = self.model.data_preprocessor(batch, training=True)
+            losses = self.model(**inputs, mode="loss")
+        loss, terms = self.model.parse_losses(losses)
+        if not self._all_finite(loss):
+            detail = ", ".join(f"{k}={float(v):.4g}" for k, v in terms.items() if k != "loss")
+            raise UserError(f"non-finite loss {float(loss)} at batch {batch_idx} (epoch {epoch_idx}): {detail}")
+
+        self.context.backward(self.scaler.scale(loss) if self.scaler else loss)
+        self.context.step_optimizer(self.optimizer, clip_grads=self._clip, scaler=self.scaler)
+        for scheduler in self.iter_schedulers:
+            scheduler.step()
+        if self.context.is_epoch_end():
+            for scheduler in self.epoch_schedulers:
+                scheduler.step()
+
+        metrics = {k: float(v) for k, v in terms.items()}
+        metrics["lr"] = float(self.optimizer.param_groups[0]["lr"])
+        return metrics
+
+    def _all_finite(self, loss: torch.Tensor) -> bool:
+        """Every slot agrees, so one bad slot stops all of them instead of hanging the others."""
+        finite = torch.isfinite(loss.detach()).float().reshape(1)
+        if self.context.distributed.get_size() > 1:
+            finite = finite.to(self.context.device)
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        return bool(finite.item())
+
+    def _clip(self, params) -> None:
+        if not self.clip_grad:
+            return
+        spec = dict(self.clip_grad)
+        if spec.pop("type", "norm") == "value":
+            torch.nn.utils.clip_grad_value_(params, **spec)
+        else:
+            torch.nn.utils.clip_grad_norm_(params, **spec)
+
+    def evaluate_batch(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+        with torch.no_grad(), self.autocast:
+            inputs = self.model.data_preprocessor(batch, training=False)
+            outputs = self.model(**inputs, mode="predict")
+        self.reducer.update(batch, outputs)
+        return {}
+
+    def build_callbacks(self) -> dict[str, pytorch.PyTorchCallback]:
+        return {"mmdet_export": checkpoint.ExportOnCheckpoint(self)}
+
+
+def _num_classes(model_cfg: Any) -> int | None:
+    """The first ``num_classes`` found in the model's heads, if any."""
+    if isinstance(model_cfg, dict):
+        if isinstance(model_cfg.get("num_classes"), int):
+            return int(model_cfg["num_classes"])
+        for v in model_cfg.values():
+            found = _num_classes(v)
+            if found is not None:
+                return found
+    elif isinstance(model_cfg, (list, tuple)):
+        for v in model_cfg:
+            found = _num_classes(v)
+            if found is not None:
+                return found
+    return None

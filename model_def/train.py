@@ -1,0 +1,66 @@
+"""Determined entrypoint: ``python3 -m determined.launch.torch_distributed python3 train.py [options]``.
+
+On a cluster the hyperparameters (already sampled by the searcher), the experiment config, the
+trial seed and the checkpoint to continue from all come from ``det.get_cluster_info()``. Off a
+cluster this is ``det-mmdet train EXPERIMENT.yaml [options]``: the same trial in local mode.
+
+Options: --max-batches N | --max-epochs N (else the searcher's max_time, else the mmdet config's
+train_cfg), --validation-period N, --checkpoint-period N, --report-period N (batches),
+--set key=value (repeatable).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import determined as det
+from determined import pytorch
+
+from det_mmdet.cli import main as local_main
+from det_mmdet.cli import setup_logging
+from det_mmdet.config import build_config, experiment_from_dict, parse_set
+from det_mmdet.errors import UserError
+from det_mmdet.runner import fit, schedule
+from det_mmdet.trial import MMDetTrial
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="MMDetTrial on a Determined cluster")
+    length = p.add_mutually_exclusive_group()
+    length.add_argument("--max-batches", type=int)
+    length.add_argument("--max-epochs", type=int)
+    p.add_argument("--validation-period", type=int)
+    p.add_argument("--checkpoint-period", type=int)
+    p.add_argument("--report-period", type=int)
+    p.add_argument("--set", action="append", default=[])
+    return p.parse_args(argv)
+
+
+def train_on_cluster(info: det.ClusterInfo, args: argparse.Namespace) -> None:
+    exp_conf = dict(info.trial._config)
+    exp = experiment_from_dict({**exp_conf, "hyperparameters": info.trial.hparams})
+    cfg = build_config(exp, parse_set(args.set))
+    plan = schedule(cfg, exp_conf, args.max_batches, args.max_epochs, args.validation_period,
+                    args.checkpoint_period, args.report_period)
+    accumulate = int((cfg.optim_wrapper or {}).get("accumulative_counts", 1))
+    with pytorch.init(hparams=info.trial.hparams, exp_conf=exp_conf, aggregation_frequency=accumulate) as context:
+        trial = MMDetTrial(context, cfg)
+        fit(trial, context, plan, latest_checkpoint=info.latest_checkpoint)
+
+
+def main() -> int:
+    info = det.get_cluster_info()
+    if info is None or info.task_type != "TRIAL":
+        return local_main(["train", *sys.argv[1:]])
+    setup_logging()
+    try:
+        train_on_cluster(info, parse_args(sys.argv[1:]))
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
