@@ -48,6 +48,19 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
         torch.backends.cudnn.benchmark = False
 
 
+@contextlib.contextmanager
+def quiet_mmengine():
+    from mmengine.logging import MMLogger
+
+    mm_logger = MMLogger.get_current_instance()
+    level = mm_logger.level
+    mm_logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        mm_logger.setLevel(level)
+
+
 class MMDetTrial(pytorch.PyTorchTrial):
     def __init__(self, context: pytorch.PyTorchTrialContext, cfg) -> None:
         from mmengine.registry import init_default_scope
@@ -86,8 +99,12 @@ class MMDetTrial(pytorch.PyTorchTrial):
     def _build_model(self, cfg):
         from mmdet.registry import MODELS
 
-        model = MODELS.build(cfg.model)
-        model.init_weights()
+        try:
+            model = MODELS.build(cfg.model)
+        except KeyError as e:  # the registry's "X is not in the model registry"
+            raise UserError(f"model: {e.args[0] if e.args else e}") from None
+        with quiet_mmengine():
+            model.init_weights()  # mmengine logs one INFO paragraph per parameter
         n_classes = _num_classes(cfg.model)
         if n_classes is not None and self.classes and n_classes != len(self.classes):
             raise UserError(
@@ -179,7 +196,7 @@ class MMDetTrial(pytorch.PyTorchTrial):
             for scheduler in self.epoch_schedulers:
                 scheduler.step()
 
-        metrics = {k: float(v) for k, v in terms.items()}
+        metrics = {k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in terms.items()}
         metrics["lr"] = float(self.optimizer.param_groups[0]["lr"])
         return metrics
 
