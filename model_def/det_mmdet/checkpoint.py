@@ -24,6 +24,20 @@ MODEL_FILE = "model.pth"
 CONFIG_FILE = "config.py"
 
 
+def allow_numpy_rng_state() -> None:
+    """Let ``torch.load(weights_only=True)`` read Determined's checkpoints.
+
+    Determined saves ``np.random.get_state()`` (a numpy array) with the RNG state and restores it
+    with a plain ``torch.load``; since torch 2.6 that load is ``weights_only`` and refuses numpy
+    arrays. Allowing numpy's array reconstruction (data only, no code) keeps the safe loader on.
+    """
+    import numpy as np
+
+    torch.serialization.add_safe_globals(
+        [np._core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+    )
+
+
 def plain(value: Any) -> Any:
     """Tuples -> lists, numpy scalars -> Python: what ``weights_only`` loading allows."""
     if isinstance(value, dict):

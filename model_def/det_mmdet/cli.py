@@ -127,14 +127,14 @@ def train_local(exp, cfg, output_dir: Path, *, max_batches: int | None = None, m
 
     plan = runner.schedule(cfg, exp.config, max_batches, max_epochs, validation_period, checkpoint_period,
                            report_period)
-    latest = None
+    latest, resume_at = None, 0
     if resume:
         newest = checkpoint.newest_checkpoint(output_dir / "checkpoints")
         if newest is None:
             raise UserError(f"--resume: no complete checkpoint in {output_dir / 'checkpoints'}")
-        latest = newest.name
+        latest, resume_at = newest.name, checkpoint.steps_completed(newest)
         if is_chief():
-            logger.info("resumed from batch %d (checkpoint %s)", checkpoint.steps_completed(newest), newest)
+            logger.info("resumed from batch %d (checkpoint %s)", resume_at, newest)
 
     distributed = None
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -153,7 +153,7 @@ def train_local(exp, cfg, output_dir: Path, *, max_batches: int | None = None, m
     accumulate = int((cfg.optim_wrapper or {}).get("accumulative_counts", 1))
     with local.local_context(exp.hparams, exp.config, output_dir, distributed, accumulate) as context:
         trial = MMDetTrial(context, cfg)
-        runner.fit(trial, context, plan, latest, checkpoint_policy="all")
+        runner.fit(trial, context, plan, latest, checkpoint_policy="all", resume_at_batch=resume_at)
     return 0
 
 

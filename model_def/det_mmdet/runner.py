@@ -9,6 +9,7 @@ validation follows ``train_cfg.val_interval`` in the loop's own unit.
 from __future__ import annotations
 
 import logging
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -73,7 +74,10 @@ def schedule(
 
 
 def fit(trial: pytorch.PyTorchTrial, context: pytorch.PyTorchTrialContext, plan: Schedule,
-        latest_checkpoint: str | None, checkpoint_policy: str = "best") -> None:
+        latest_checkpoint: str | None, checkpoint_policy: str = "best", resume_at_batch: int = 0) -> None:
+    if resume_at_batch:
+        resume_locally(trial, context, plan, latest_checkpoint, resume_at_batch)
+        return
     trainer = pytorch.Trainer(trial, context)
     trainer.fit(
         max_length=plan.max_length,
@@ -83,3 +87,33 @@ def fit(trial: pytorch.PyTorchTrial, context: pytorch.PyTorchTrialContext, plan:
         latest_checkpoint=latest_checkpoint,
         checkpoint_policy=checkpoint_policy,
     )
+
+
+def resume_locally(trial: pytorch.PyTorchTrial, context: pytorch.PyTorchTrialContext, plan: Schedule,
+                   latest_checkpoint: str | None, steps_completed: int) -> None:
+    """``Trainer.fit`` for a local run continuing from a checkpoint taken at ``steps_completed``.
+
+    Determined's local mode always starts its data stream and batch count at 0 (only a cluster
+    passes the trial's steps completed), so a resumed local run would replay the first batches and
+    count validation periods and epoch ends from the restart. This builds the same controller that
+    ``Trainer.fit`` builds, with the checkpoint's batch count, as the cluster does.
+    """
+    controller = pytorch._PyTorchTrialController(
+        trial_inst=trial,
+        context=context,
+        checkpoint_period=plan.checkpoint_period or pytorch.Batch(sys.maxsize),
+        validation_period=plan.validation_period or pytorch.Batch(sys.maxsize),
+        smaller_is_better=True,
+        steps_completed=steps_completed,
+        latest_checkpoint=latest_checkpoint,
+        local_training=True,
+        test_mode=False,
+        reporting_period=plan.reporting_period,
+        searcher_metric_name=None,
+        checkpoint_policy="all",
+        step_zero_validation=False,
+        max_length=plan.max_length,
+        global_batch_size=None,
+        profiling_enabled=False,
+    )
+    controller.run()

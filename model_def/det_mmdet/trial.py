@@ -67,6 +67,7 @@ class MMDetTrial(pytorch.PyTorchTrial):
 
         self.context = context
         self.cfg = cfg
+        checkpoint.allow_numpy_rng_state()
         init_default_scope(cfg.get("default_scope", "mmdet"))
         self.rank = context.distributed.get_rank()
         slots = context.distributed.get_size()
