@@ -41,8 +41,15 @@ def train_on_cluster(info: det.ClusterInfo, args: argparse.Namespace) -> None:
     exp_conf = dict(info.trial._config)
     exp = experiment_from_dict({**exp_conf, "hyperparameters": info.trial.hparams})
     cfg = build_config(exp, parse_set(args.set))
-    plan = schedule(cfg, exp_conf, args.max_batches, args.max_epochs, args.validation_period,
-                    args.checkpoint_period, args.report_period)
+    plan = schedule(
+        cfg,
+        exp_conf,
+        args.max_batches,
+        args.max_epochs,
+        args.validation_period,
+        args.checkpoint_period,
+        args.report_period,
+    )
     accumulate = int((cfg.optim_wrapper or {}).get("accumulative_counts", 1))
     with pytorch.init(hparams=info.trial.hparams, exp_conf=exp_conf, aggregation_frequency=accumulate) as context:
         trial = MMDetTrial(context, cfg)

@@ -23,23 +23,36 @@ def shapes(tmp_path_factory) -> Path:
 
 
 def write_experiment(directory: Path, hparams: dict, name: str = "exp.yaml", **extra) -> Path:
-    exp = {"name": "test", "hyperparameters": hparams,
-           "searcher": {"name": "single", "metric": "bbox_mAP", "smaller_is_better": False}, **extra}
+    exp = {
+        "name": "test",
+        "hyperparameters": hparams,
+        "searcher": {"name": "single", "metric": "bbox_mAP", "smaller_is_better": False},
+        **extra,
+    }
     path = directory / name
     path.write_text(yaml.safe_dump(exp))
     return path
 
 
 def shapes_hparams(shapes: Path, config: str = "configs/shapes_faster_rcnn.py", **overrides) -> dict:
-    return {"global_batch_size": 4, "config_file": config,
-            "override_mmdet_config": {"data_root": str(shapes) + "/", **overrides}}
+    return {
+        "global_batch_size": 4,
+        "config_file": config,
+        "override_mmdet_config": {"data_root": str(shapes) + "/", **overrides},
+    }
 
 
 def det_mmdet(*args: str, cwd: Path = ROOT, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
     """Run the installed console script the way a user does."""
     exe = Path(sys.executable).parent / "det-mmdet"
-    return subprocess.run([str(exe), *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, **(env or {})})
+    return subprocess.run(
+        [str(exe), *map(str, args)],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
 
 
 def read_metrics(output_dir: Path) -> list[dict]:

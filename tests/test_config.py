@@ -6,8 +6,8 @@ import logging
 from pathlib import Path
 
 import pytest
-from conftest import det_mmdet, write_experiment
 
+from conftest import det_mmdet, write_experiment
 from det_mmdet.cli import main
 from det_mmdet.config import build_config, experiment_from_dict, load_experiment, parse_set
 
@@ -25,8 +25,12 @@ def resolve(hparams: dict, sets: dict | None = None, data: dict | None = None):
 
 @pytest.mark.parametrize(
     "config_file, model_type, metric",
-    [(FASTER, "FasterRCNN", "bbox"), (MASK, "MaskRCNN", ["bbox", "segm"]), (RETINA, "RetinaNet", "bbox"),
-     ("mmdet::" + FASTER, "FasterRCNN", "bbox")],
+    [
+        (FASTER, "FasterRCNN", "bbox"),
+        (MASK, "MaskRCNN", ["bbox", "segm"]),
+        (RETINA, "RetinaNet", "bbox"),
+        ("mmdet::" + FASTER, "FasterRCNN", "bbox"),
+    ],
 )
 def test_packaged_configs_resolve_by_name(config_file, model_type, metric):
     cfg = resolve({"config_file": config_file})
@@ -37,7 +41,9 @@ def test_packaged_configs_resolve_by_name(config_file, model_type, metric):
 
 def test_config_dir_from_environment(tmp_path, monkeypatch):
     (tmp_path / "mine").mkdir()
-    (tmp_path / "mine" / "x.py").write_text("_base_ = 'mmdet::" + RETINA + "'\nmodel = dict(bbox_head=dict(num_classes=3))\n")
+    (tmp_path / "mine" / "x.py").write_text(
+        "_base_ = 'mmdet::" + RETINA + "'\nmodel = dict(bbox_head=dict(num_classes=3))\n"
+    )
     monkeypatch.setenv("MMDETECTION_CONFIG_DIR", str(tmp_path))
     cfg = resolve({"config_file": "mine/x.py"})
     assert cfg.model.bbox_head.num_classes == 3
@@ -73,14 +79,16 @@ def test_override_order_merge_then_override_then_set(tmp_path):
 
 
 def test_list_index_and_nested_overrides():
-    cfg = resolve({
-        "config_file": FASTER,
-        "override_mmdet_config": {
-            "train_dataloader.dataset.pipeline.2.scale": [320, 320],
-            # Determined hands nested hyperparameters as nested mappings: same meaning as dotted keys
-            "model": {"roi_head": {"bbox_head": {"num_classes": 5}}},
-        },
-    })
+    cfg = resolve(
+        {
+            "config_file": FASTER,
+            "override_mmdet_config": {
+                "train_dataloader.dataset.pipeline.2.scale": [320, 320],
+                # Determined hands nested hyperparameters as nested mappings: same meaning as dotted keys
+                "model": {"roi_head": {"bbox_head": {"num_classes": 5}}},
+            },
+        }
+    )
     assert cfg.train_dataloader.dataset.pipeline[2].type == "Resize"
     assert list(cfg.train_dataloader.dataset.pipeline[2].scale) == [320, 320]
     assert cfg.model.roi_head.bbox_head.num_classes == 5
@@ -93,16 +101,20 @@ def test_values_are_data_not_code():
 
 
 def test_search_spaces_resolve_to_documented_local_values(caplog):
-    exp = experiment_from_dict({"hyperparameters": {
-        "global_batch_size": {"type": "const", "val": 4},
-        "config_file": FASTER,
-        "override_mmdet_config": {
-            "optim_wrapper.optimizer.lr": {"type": "log", "minval": -4, "maxval": -2, "base": 10},
-            "optim_wrapper.optimizer.weight_decay": {"type": "double", "minval": 0.0, "maxval": 0.001},
-            "train_dataloader.num_workers": {"type": "int", "minval": 2, "maxval": 6},
-            "optim_wrapper.optimizer.type": {"type": "categorical", "vals": ["AdamW", "SGD"]},
-        },
-    }})
+    exp = experiment_from_dict(
+        {
+            "hyperparameters": {
+                "global_batch_size": {"type": "const", "val": 4},
+                "config_file": FASTER,
+                "override_mmdet_config": {
+                    "optim_wrapper.optimizer.lr": {"type": "log", "minval": -4, "maxval": -2, "base": 10},
+                    "optim_wrapper.optimizer.weight_decay": {"type": "double", "minval": 0.0, "maxval": 0.001},
+                    "train_dataloader.num_workers": {"type": "int", "minval": 2, "maxval": 6},
+                    "optim_wrapper.optimizer.type": {"type": "categorical", "vals": ["AdamW", "SGD"]},
+                },
+            }
+        }
+    )
     cfg = build_config(exp)
     assert cfg.optim_wrapper.optimizer.lr == pytest.approx(1e-3)
     assert cfg.optim_wrapper.optimizer.weight_decay == pytest.approx(5e-4)
@@ -132,9 +144,15 @@ def test_file_client_args_substituted_everywhere():
 
 
 def test_print_config_prints_resolved_text_and_hides_secrets(tmp_path, capsys):
-    exp = write_experiment(tmp_path, {"global_batch_size": 2, "config_file": FASTER,
-                                      "override_mmdet_config": {"optim_wrapper.optimizer.lr": 0.0123}},
-                           data={"backend_args": {"backend": "s3", "aws_secret_access_key": "SECRET123"}})
+    exp = write_experiment(
+        tmp_path,
+        {
+            "global_batch_size": 2,
+            "config_file": FASTER,
+            "override_mmdet_config": {"optim_wrapper.optimizer.lr": 0.0123},
+        },
+        data={"backend_args": {"backend": "s3", "aws_secret_access_key": "SECRET123"}},
+    )
     assert main(["train", str(exp), "--print-config", "--set", "train_cfg.max_epochs=3"]) == 0
     out = capsys.readouterr().out
     assert "lr=0.0123" in out and "max_epochs=3" in out
@@ -149,19 +167,39 @@ def test_console_script_print_config(tmp_path):
 
 
 BAD = [
-    ("missing config_file", {"config_file": "faster_rcnn/nope.py"}, [],
-     ["config_file 'faster_rcnn/nope.py' not found", "looked in", ".mim/configs"]),
+    (
+        "missing config_file",
+        {"config_file": "faster_rcnn/nope.py"},
+        [],
+        ["config_file 'faster_rcnn/nope.py' not found", "looked in", ".mim/configs"],
+    ),
     ("missing merge_config", {"config_file": FASTER, "merge_config": "nowhere.py"}, [], ["merge_config 'nowhere.py'"]),
     ("merge_config syntax", {"config_file": FASTER, "merge_config": "@broken"}, [], ["syntax error at line 2"]),
-    ("parent not a mapping", {"config_file": FASTER, "override_mmdet_config": {"model.backbone.depth.x": 1}}, [],
-     ["'model.backbone.depth' is 50, not a mapping"]),
-    ("top-level typo", {"config_file": FASTER, "override_mmdet_config": {"optim_wraper.optimizer.lr": 1}}, [],
-     ["unknown key 'optim_wraper.optimizer.lr'", "did you mean 'optim_wrapper'"]),
-    ("list index", {"config_file": FASTER, "override_mmdet_config": {"train_dataloader.dataset.pipeline.9.x": 1}},
-     [], ["'train_dataloader.dataset.pipeline.9' is not an index of a list of 5"]),
+    (
+        "parent not a mapping",
+        {"config_file": FASTER, "override_mmdet_config": {"model.backbone.depth.x": 1}},
+        [],
+        ["'model.backbone.depth' is 50, not a mapping"],
+    ),
+    (
+        "top-level typo",
+        {"config_file": FASTER, "override_mmdet_config": {"optim_wraper.optimizer.lr": 1}},
+        [],
+        ["unknown key 'optim_wraper.optimizer.lr'", "did you mean 'optim_wrapper'"],
+    ),
+    (
+        "list index",
+        {"config_file": FASTER, "override_mmdet_config": {"train_dataloader.dataset.pipeline.9.x": 1}},
+        [],
+        ["'train_dataloader.dataset.pipeline.9' is not an index of a list of 5"],
+    ),
     ("no global_batch_size", {"config_file": FASTER, "global_batch_size": None}, [], ["global_batch_size is required"]),
-    ("bad search space", {"config_file": FASTER, "override_mmdet_config": {"model.backbone": {"type": "ResNet"}}},
-     [], ["type 'ResNet' is not a Determined search space"]),
+    (
+        "bad search space",
+        {"config_file": FASTER, "override_mmdet_config": {"model.backbone": {"type": "ResNet"}}},
+        [],
+        ["type 'ResNet' is not a Determined search space"],
+    ),
     ("bad --set", {"config_file": FASTER}, ["--set", "nonsense"], ["--set 'nonsense': expected key=value"]),
     ("typo in --set", {"config_file": FASTER}, ["--set", "modle.x=1"], ["--set: unknown key 'modle.x'", "'model'"]),
 ]
@@ -193,10 +231,17 @@ def test_experiment_yaml_that_does_not_parse(tmp_path, capsys):
 
 
 def test_local_choice_of_search_space_is_logged(tmp_path, caplog):
-    exp = write_experiment(tmp_path, {"global_batch_size": 2, "config_file": FASTER, "override_mmdet_config": {
-        "optim_wrapper.optimizer.lr": {"type": "double", "minval": 0.01, "maxval": 0.03}}})
+    exp = write_experiment(
+        tmp_path,
+        {
+            "global_batch_size": 2,
+            "config_file": FASTER,
+            "override_mmdet_config": {"optim_wrapper.optimizer.lr": {"type": "double", "minval": 0.01, "maxval": 0.03}},
+        },
+    )
     with caplog.at_level(logging.INFO, logger="det_mmdet"):
         assert load_experiment(exp).notes == [
             "hyperparameter override_mmdet_config.optim_wrapper.optimizer.lr: double search space -> 0.02 "
-            "locally (midpoint)"]
+            "locally (midpoint)"
+        ]
     assert Path(exp).exists()

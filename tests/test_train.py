@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
-import torch
-from conftest import det_mmdet, read_metrics, shapes_hparams, write_experiment
+import subprocess
+import sys
 
+import pytest
+import torch
+
+from conftest import ROOT, det_mmdet, read_metrics, shapes_hparams, write_experiment
 from det_mmdet.checkpoint import newest_checkpoint
 
 MAP_KEYS = ["bbox_mAP", "bbox_mAP_50", "bbox_mAP_75", "bbox_mAP_s", "bbox_mAP_m", "bbox_mAP_l"]
@@ -41,8 +45,9 @@ def test_faster_rcnn_trains_validates_and_exports(tmp_path, shapes):
 
     from mmdet.apis import DetInferencer
 
-    inferencer = DetInferencer(model=str(ckpt / "config.py"), weights=str(ckpt / "model.pth"), device="cpu",
-                               show_progress=False)
+    inferencer = DetInferencer(
+        model=str(ckpt / "config.py"), weights=str(ckpt / "model.pth"), device="cpu", show_progress=False
+    )
     result = inferencer(str(shapes / "val" / "val_00000.jpg"), no_save_vis=True)
     assert len(result["predictions"]) == 1 and "bboxes" in result["predictions"][0]
     assert inferencer.model.dataset_meta["classes"] == ["circle", "square", "triangle"]
@@ -106,3 +111,49 @@ def test_global_batch_size_must_divide_by_slots(tmp_path, shapes):
     assert r.returncode == 2
     assert "global_batch_size 3 is not divisible by 2 slots" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_cluster_entrypoint_runs_locally_from_the_context_directory(tmp_path, shapes):
+    """``model_def/train.py`` is what the cluster runs; off a cluster it is ``det-mmdet train``."""
+    exp = write_experiment(tmp_path, shapes_hparams(shapes))
+    out = tmp_path / "entry"
+    r = subprocess.run(
+        [sys.executable, "train.py", str(exp), "--output-dir", str(out), "--max-batches", "2"],
+        cwd=ROOT / "model_def",
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert [x["group"] for x in read_metrics(out)][-1] == "validation"
+
+
+def test_epoch_based_schedulers_step_at_epoch_ends_as_mmengine_does(tmp_path, shapes):
+    """48 images / batch 4 = 12 batches an epoch: by_epoch steps there, convert_to_iter_based every batch."""
+    schedulers = [
+        {
+            "type": "LinearLR",
+            "start_factor": 0.5,
+            "by_epoch": True,
+            "begin": 0,
+            "end": 1,
+            "convert_to_iter_based": True,
+        },
+        {"type": "MultiStepLR", "by_epoch": True, "milestones": [1], "gamma": 0.1},
+    ]
+    r, out = train(
+        tmp_path,
+        shapes,
+        "--max-batches", 14, "--report-period", 1,
+        "--set", "optim_wrapper.optimizer.lr=0.01",
+        **{"param_scheduler": {"type": "const", "val": schedulers}},
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    lr = {x["batches"]: x["metrics"]["lr"] for x in read_metrics(out) if x["group"] == "training"}
+    # warmup from 0.005 to 0.01 over the 12 batches of epoch 0 (reported after each step)
+    assert lr[1] == pytest.approx(0.005 + 0.005 / 12)
+    assert lr[6] == pytest.approx(0.0075)
+    assert lr[11] == pytest.approx(0.005 + 0.005 * 11 / 12)
+    # epoch 0 ends at batch 12: the multi-step decay applies from then on
+    assert lr[12] == pytest.approx(0.001)
+    assert lr[14] == pytest.approx(0.001)

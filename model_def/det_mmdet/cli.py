@@ -37,8 +37,13 @@ def setup_logging(verbose: bool = False) -> None:
 def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("experiment", help="Determined experiment YAML")
     p.add_argument("--print-config", action="store_true", help="print the resolved mmdet config and exit")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="dotted override applied after override_mmdet_config (repeatable)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="dotted override applied after override_mmdet_config (repeatable)",
+    )
     length = p.add_mutually_exclusive_group()
     length.add_argument("--max-batches", type=int)
     length.add_argument("--max-epochs", type=int)
@@ -109,15 +114,35 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise UserError("--resume needs --output-dir (the run to continue)")
     output_dir = args.output_dir or Path("runs") / f"{exp.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     if args.slots > 1 and "RANK" not in os.environ:
+        from det_mmdet.trial import per_slot_batch_size
+
+        per_slot_batch_size(int(exp.hparams["global_batch_size"]), args.slots)  # fail before spawning
         return launch_workers(args, output_dir)
-    return train_local(exp, cfg, output_dir, max_batches=args.max_batches, max_epochs=args.max_epochs,
-                       validation_period=args.validation_period, checkpoint_period=args.checkpoint_period,
-                       report_period=args.report_period, resume=args.resume)
+    return train_local(
+        exp,
+        cfg,
+        output_dir,
+        max_batches=args.max_batches,
+        max_epochs=args.max_epochs,
+        validation_period=args.validation_period,
+        checkpoint_period=args.checkpoint_period,
+        report_period=args.report_period,
+        resume=args.resume,
+    )
 
 
-def train_local(exp, cfg, output_dir: Path, *, max_batches: int | None = None, max_epochs: int | None = None,
-                validation_period: int | None = None, checkpoint_period: int | None = None,
-                report_period: int | None = None, resume: bool = False) -> int:
+def train_local(
+    exp,
+    cfg,
+    output_dir: Path,
+    *,
+    max_batches: int | None = None,
+    max_epochs: int | None = None,
+    validation_period: int | None = None,
+    checkpoint_period: int | None = None,
+    report_period: int | None = None,
+    resume: bool = False,
+) -> int:
     """Train ``cfg`` in Determined's local mode (this process is one slot when WORLD_SIZE is set)."""
     from determined import core
 
@@ -125,8 +150,9 @@ def train_local(exp, cfg, output_dir: Path, *, max_batches: int | None = None, m
     from det_mmdet.config import redact
     from det_mmdet.trial import MMDetTrial
 
-    plan = runner.schedule(cfg, exp.config, max_batches, max_epochs, validation_period, checkpoint_period,
-                           report_period)
+    plan = runner.schedule(
+        cfg, exp.config, max_batches, max_epochs, validation_period, checkpoint_period, report_period
+    )
     latest, resume_at = None, 0
     if resume:
         newest = checkpoint.newest_checkpoint(output_dir / "checkpoints")
@@ -171,9 +197,18 @@ def launch_workers(args: argparse.Namespace, output_dir: Path) -> int:
     port = free_port()
     procs = []
     for rank in range(args.slots):
-        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(args.slots),
-                   LOCAL_WORLD_SIZE=str(args.slots), GROUP_RANK="0", GROUP_WORLD_SIZE="1",
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), USE_TORCH_DISTRIBUTED="1")
+        env = dict(
+            os.environ,
+            RANK=str(rank),
+            LOCAL_RANK=str(rank),
+            WORLD_SIZE=str(args.slots),
+            LOCAL_WORLD_SIZE=str(args.slots),
+            GROUP_RANK="0",
+            GROUP_WORLD_SIZE="1",
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+            USE_TORCH_DISTRIBUTED="1",
+        )
         procs.append(subprocess.Popen([sys.executable, "-m", "det_mmdet.cli", *argv], env=env))
     code = 0
     while procs:

@@ -25,19 +25,20 @@ def run(output_dir: Path, data_dir: Path, max_batches: int | None = None) -> int
     from det_mmdet.cli import train_local
 
     make_shapes(data_dir)
-    exp = experiment_from_dict({
-        "name": "shapes-demo",
-        "hyperparameters": {
-            "global_batch_size": 8,
-            "config_file": "configs/shapes_faster_rcnn.py",
-            "override_mmdet_config": {"data_root": str(data_dir.resolve()) + "/"},
-        },
-        "searcher": {"name": "single", "metric": "bbox_mAP", "smaller_is_better": False},
-    })
+    exp = experiment_from_dict(
+        {
+            "name": "shapes-demo",
+            "hyperparameters": {
+                "global_batch_size": 8,
+                "config_file": "configs/shapes_faster_rcnn.py",
+                "override_mmdet_config": {"data_root": str(data_dir.resolve()) + "/"},
+            },
+            "searcher": {"name": "single", "metric": "bbox_mAP", "smaller_is_better": False},
+        }
+    )
     cfg = build_config(exp)
     length = max_batches or int(cfg.train_cfg.max_iters)
-    train_local(exp, cfg, output_dir, max_batches=length, validation_period=max(1, length // 3),
-                report_period=20)
+    train_local(exp, cfg, output_dir, max_batches=length, validation_period=max(1, length // 3), report_period=20)
 
     newest = checkpoint.newest_checkpoint(output_dir / "checkpoints")
     records = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
@@ -60,9 +61,9 @@ def draw_curves(records: list[dict], path: Path) -> None:
     train = [(r["batches"], r["metrics"]["loss"]) for r in records if r["group"] == "training"]
     val = [(r["batches"], r["metrics"].get("bbox_mAP")) for r in records if r["group"] == "validation"]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-    ax1.plot(*zip(*train), color="tab:blue")
+    ax1.plot(*zip(*train, strict=True), color="tab:blue")
     ax1.set(title="training loss", xlabel="batches", ylabel="loss")
-    ax2.plot(*zip(*val), marker="o", color="tab:green")
+    ax2.plot(*zip(*val, strict=True), marker="o", color="tab:green")
     ax2.set(title="validation bbox_mAP", xlabel="batches", ylabel="mAP", ylim=(0, 1))
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
@@ -76,10 +77,15 @@ def draw_predictions(model_dir: Path, images: list[Path], path: Path, score_thr:
     import cv2
     from mmdet.apis import DetInferencer
 
-    inferencer = DetInferencer(model=str(model_dir / checkpoint.CONFIG_FILE),
-                               weights=str(model_dir / checkpoint.MODEL_FILE), device="cpu", show_progress=False)
-    out = inferencer([str(p) for p in images], return_vis=True, no_save_vis=True, pred_score_thr=score_thr,
-                     batch_size=len(images))
+    inferencer = DetInferencer(
+        model=str(model_dir / checkpoint.CONFIG_FILE),
+        weights=str(model_dir / checkpoint.MODEL_FILE),
+        device="cpu",
+        show_progress=False,
+    )
+    out = inferencer(
+        [str(p) for p in images], return_vis=True, no_save_vis=True, pred_score_thr=score_thr, batch_size=len(images)
+    )
     tiles = [cv2.resize(v, (256, 256), interpolation=cv2.INTER_NEAREST) for v in out["visualization"]]
     tiles += [np.zeros_like(tiles[0])] * (-len(tiles) % 3)
     rows = [np.concatenate(tiles[i : i + 3], axis=1) for i in range(0, len(tiles), 3)]

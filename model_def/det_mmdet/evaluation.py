@@ -35,7 +35,7 @@ class EvaluatorReducer(pytorch.MetricReducer):
 
     def update(self, data_batch: dict[str, Any], outputs: list[Any]) -> None:
         self.evaluator.process(data_samples=outputs, data_batch=data_batch)
-        for store, metric in zip(self.results, self.evaluator.metrics):
+        for store, metric in zip(self.results, self.evaluator.metrics, strict=True):
             store.extend(metric.results)
             metric.results.clear()
 

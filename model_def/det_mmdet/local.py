@@ -46,15 +46,16 @@ class AtomicStorage(SharedFSStorageManager):
 class LocalTrainContext(core.DummyTrainContext):
     """Writes each report to ``metrics.jsonl`` and keeps a progress bar (chief only)."""
 
-    def __init__(self, metrics_path: pathlib.Path, total: str, show_progress: bool) -> None:
+    def __init__(self, metrics_path: pathlib.Path, show_progress: bool) -> None:
         super().__init__()
         self.metrics_path = metrics_path
-        self.total = total
         self.bar = None
         if show_progress:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=1000, desc="train", unit="‰", bar_format="{l_bar}{bar}| {elapsed}<{remaining}{postfix}")
+            self.bar = tqdm(
+                total=1000, desc="train", unit="‰", bar_format="{l_bar}{bar}| {elapsed}<{remaining}{postfix}"
+            )
 
     def _report_trial_metrics(
         self,
@@ -64,8 +65,12 @@ class LocalTrainContext(core.DummyTrainContext):
         batch_metrics: list[dict[str, Any]] | None = None,
     ) -> None:
         values = {k: _number(v) for k, v in metrics.items() if k not in ("batches", "epochs")}
-        record = {"group": group, "batches": metrics.get("batches", steps_completed), "epochs": metrics.get("epochs", 0),
-                  "metrics": values}
+        record = {
+            "group": group,
+            "batches": metrics.get("batches", steps_completed),
+            "epochs": metrics.get("epochs", 0),
+            "metrics": values,
+        }
         with self.metrics_path.open("a") as f:
             f.write(json.dumps(record) + "\n")
         shown = {k: v for k, v in values.items() if k in ("loss", "lr", "bbox_mAP", "segm_mAP")}
@@ -111,7 +116,7 @@ def local_context(
     storage_dir = output_dir / "checkpoints"
     storage_dir.mkdir(parents=True, exist_ok=True)
     chief = distributed.get_rank() == 0
-    train = LocalTrainContext(output_dir / "metrics.jsonl", "", show_progress and chief)
+    train = LocalTrainContext(output_dir / "metrics.jsonl", show_progress and chief)
     core_context = core.Context(
         checkpoint=core.DummyCheckpointContext(distributed, AtomicStorage(str(storage_dir))),
         distributed=distributed,

@@ -39,9 +39,13 @@ def schedule(
 ) -> Schedule:
     if max_batches is not None and max_epochs is not None:
         raise UserError("give --max-batches or --max-epochs, not both")
-    for name, value in (("--max-batches", max_batches), ("--max-epochs", max_epochs),
-                        ("--validation-period", validation_period), ("--checkpoint-period", checkpoint_period),
-                        ("--report-period", reporting_period)):
+    for name, value in (
+        ("--max-batches", max_batches),
+        ("--max-epochs", max_epochs),
+        ("--validation-period", validation_period),
+        ("--checkpoint-period", checkpoint_period),
+        ("--report-period", reporting_period),
+    ):
         if value is not None and value < 1:
             raise UserError(f"{name} must be a positive number of batches/epochs, got {value}")
 
@@ -73,8 +77,14 @@ def schedule(
     return Schedule(length, val, ckpt, report)
 
 
-def fit(trial: pytorch.PyTorchTrial, context: pytorch.PyTorchTrialContext, plan: Schedule,
-        latest_checkpoint: str | None, checkpoint_policy: str = "best", resume_at_batch: int = 0) -> None:
+def fit(
+    trial: pytorch.PyTorchTrial,
+    context: pytorch.PyTorchTrialContext,
+    plan: Schedule,
+    latest_checkpoint: str | None,
+    checkpoint_policy: str = "best",
+    resume_at_batch: int = 0,
+) -> None:
     if resume_at_batch:
         resume_locally(trial, context, plan, latest_checkpoint, resume_at_batch)
         return
@@ -89,8 +99,13 @@ def fit(trial: pytorch.PyTorchTrial, context: pytorch.PyTorchTrialContext, plan:
     )
 
 
-def resume_locally(trial: pytorch.PyTorchTrial, context: pytorch.PyTorchTrialContext, plan: Schedule,
-                   latest_checkpoint: str | None, steps_completed: int) -> None:
+def resume_locally(
+    trial: pytorch.PyTorchTrial,
+    context: pytorch.PyTorchTrialContext,
+    plan: Schedule,
+    latest_checkpoint: str | None,
+    steps_completed: int,
+) -> None:
     """``Trainer.fit`` for a local run continuing from a checkpoint taken at ``steps_completed``.
 
     Determined's local mode always starts its data stream and batch count at 0 (only a cluster

@@ -19,8 +19,10 @@ PALETTE = [(220, 20, 60), (0, 128, 255), (40, 180, 40)]
 def _polygon(kind: str, cx: float, cy: float, r: float, angle: float) -> np.ndarray:
     corners = {"circle": 24, "square": 4, "triangle": 3}[kind]
     turn = angle + (math.pi / 4 if kind == "square" else -math.pi / 2)
-    pts = [(cx + r * math.cos(turn + 2 * math.pi * i / corners), cy + r * math.sin(turn + 2 * math.pi * i / corners))
-           for i in range(corners)]
+    pts = [
+        (cx + r * math.cos(turn + 2 * math.pi * i / corners), cy + r * math.sin(turn + 2 * math.pi * i / corners))
+        for i in range(corners)
+    ]
     return np.array(pts, dtype=np.float32)
 
 
@@ -54,11 +56,17 @@ def make_split(root: Path, split: str, count: int, seed: int, size: int = 128) -
         images.append({"id": i + 1, "file_name": name, "width": size, "height": size})
         for obj in objects:
             x, y, w, h = (round(float(v), 2) for v in obj["bbox"])
-            annotations.append({
-                "id": len(annotations) + 1, "image_id": i + 1, "category_id": CLASSES.index(obj["kind"]) + 1,
-                "bbox": [x, y, w, h], "area": round(float(cv2.contourArea(obj["poly"])), 2), "iscrowd": 0,
-                "segmentation": [[round(float(v), 2) for v in obj["poly"].reshape(-1)]],
-            })
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": i + 1,
+                    "category_id": CLASSES.index(obj["kind"]) + 1,
+                    "bbox": [x, y, w, h],
+                    "area": round(float(cv2.contourArea(obj["poly"])), 2),
+                    "iscrowd": 0,
+                    "segmentation": [[round(float(v), 2) for v in obj["poly"].reshape(-1)]],
+                }
+            )
     coco = {
         "images": images,
         "annotations": annotations,

@@ -18,8 +18,8 @@ import logging
 import random
 from typing import Any
 
-import numpy as np
 import determined as det
+import numpy as np
 import torch
 import torch.distributed as dist
 from determined import pytorch
@@ -33,9 +33,7 @@ logger = logging.getLogger("det_mmdet")
 
 def per_slot_batch_size(global_batch_size: int, slots: int) -> int:
     if global_batch_size % slots:
-        raise UserError(
-            f"hyperparameters.global_batch_size {global_batch_size} is not divisible by {slots} slots"
-        )
+        raise UserError(f"hyperparameters.global_batch_size {global_batch_size} is not divisible by {slots} slots")
     return global_batch_size // slots
 
 
@@ -71,7 +69,8 @@ class MMDetTrial(pytorch.PyTorchTrial):
         init_default_scope(cfg.get("default_scope", "mmdet"))
         self.rank = context.distributed.get_rank()
         slots = context.distributed.get_size()
-        self.batch_size = per_slot_batch_size(int(context.get_global_batch_size()), slots)
+        # The hyperparameter itself: Determined's context rounds a size that slots do not divide.
+        self.batch_size = per_slot_batch_size(int(context.get_hparam("global_batch_size")), slots)
 
         randomness = cfg.get("randomness") or {}
         info = det.get_cluster_info()
