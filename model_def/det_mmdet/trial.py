@@ -128,15 +128,15 @@ class MMDetTrial(pytorch.PyTorchTrial):
 
         autocast: contextlib.AbstractContextManager = contextlib.nullcontext()
         scaler = None
-        if kind == "AmpOptimWrapper":
-            device = self.context.device.type
-            amp_dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(
-                dtype or ("float16" if device == "cuda" else "bfloat16")
-            )
+        if kind == "AmpOptimWrapper" and self.context.device.type != "cuda":
+            # mmcv's CPU kernels (nms, RoIAlign) are float32-only, as mmengine's AmpOptimWrapper knows.
+            logger.warning("optim_wrapper.type AmpOptimWrapper: no GPU here, training in float32")
+        elif kind == "AmpOptimWrapper":
+            amp_dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(dtype or "float16")
             if amp_dtype is None:
                 raise UserError(f"optim_wrapper.dtype {dtype!r}: choose float16 or bfloat16")
-            autocast = torch.autocast(device_type=device, dtype=amp_dtype)
-            if device == "cuda" and amp_dtype == torch.float16:
+            autocast = torch.autocast(device_type="cuda", dtype=amp_dtype)
+            if amp_dtype == torch.float16:
                 scaler = torch.amp.GradScaler("cuda")
         elif kind != "OptimWrapper":
             raise UserError(f"optim_wrapper.type {kind!r}: choose OptimWrapper or AmpOptimWrapper")
