@@ -157,3 +157,16 @@ def test_epoch_based_schedulers_step_at_epoch_ends_as_mmengine_does(tmp_path, sh
     # epoch 0 ends at batch 12: the multi-step decay applies from then on
     assert lr[12] == pytest.approx(0.001)
     assert lr[14] == pytest.approx(0.001)
+
+
+def test_amp_config_without_gpu_trains_in_float32_and_says_so(tmp_path, shapes):
+    r, out = train(
+        tmp_path,
+        shapes,
+        "--max-batches", 2,
+        "--set", "optim_wrapper.type=AmpOptimWrapper",
+        "--set", "optim_wrapper.clip_grad.max_norm=10",
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "optim_wrapper.type AmpOptimWrapper: no GPU here, training in float32" in r.stdout + r.stderr
+    assert [x["group"] for x in read_metrics(out)] == ["training", "validation"]

@@ -144,6 +144,7 @@ def train_local(
     resume: bool = False,
 ) -> int:
     """Train ``cfg`` in Determined's local mode (this process is one slot when WORLD_SIZE is set)."""
+    output_dir = output_dir.resolve()
     from determined import core
 
     from det_mmdet import checkpoint, local, runner

@@ -21,26 +21,38 @@ from typing import Any
 from determined import core, pytorch
 from determined.common.storage import SharedFSStorageManager
 
+from det_mmdet.config import CONTEXT_DIR
+
 logger = logging.getLogger("det_mmdet")
 
 PARTIAL = ".partial-"
 
 
 class AtomicStorage(SharedFSStorageManager):
-    """A checkpoint directory appears under its final name only once it is completely written."""
+    """Local checkpoints: complete or absent, and with the context directory as their code.
 
-    def __init__(self, base_path: str) -> None:
-        super().__init__(base_path)
-        for leftover in pathlib.Path(base_path).glob(PARTIAL + "*"):
+    A checkpoint is written under a temporary name and renamed once Determined has written its
+    ``metadata.json``, so a killed run never leaves a half checkpoint under a real name. Determined's
+    local mode also copies the working directory into every checkpoint (``code/``); while a
+    checkpoint is written the working directory is ``model_def/``, the code a cluster would store.
+    """
+
+    def __init__(self, base_path: pathlib.Path) -> None:
+        super().__init__(str(base_path.resolve()))
+        for leftover in pathlib.Path(self._base_path).glob(PARTIAL + "*"):
             shutil.rmtree(leftover)  # from a process that was killed mid-write
 
-    def pre_store_path(self, dst: str) -> pathlib.Path:
-        path = pathlib.Path(self._base_path, PARTIAL + dst)
-        path.mkdir(parents=True, exist_ok=True)
-        return path
-
-    def post_store_path(self, src: str | os.PathLike, dst: str) -> None:
-        os.replace(src, pathlib.Path(self._base_path, dst))
+    @contextlib.contextmanager
+    def store_path(self, dst: str) -> Iterator[pathlib.Path]:
+        partial = pathlib.Path(self._base_path, PARTIAL + dst)
+        partial.mkdir(parents=True)
+        previous = os.getcwd()
+        os.chdir(CONTEXT_DIR)
+        try:
+            yield partial
+        finally:
+            os.chdir(previous)
+        os.replace(partial, pathlib.Path(self._base_path, dst))
 
 
 class LocalTrainContext(core.DummyTrainContext):
@@ -118,7 +130,7 @@ def local_context(
     chief = distributed.get_rank() == 0
     train = LocalTrainContext(output_dir / "metrics.jsonl", show_progress and chief)
     core_context = core.Context(
-        checkpoint=core.DummyCheckpointContext(distributed, AtomicStorage(str(storage_dir))),
+        checkpoint=core.DummyCheckpointContext(distributed, AtomicStorage(storage_dir)),
         distributed=distributed,
         preempt=core.DummyPreemptContext(distributed, core.PreemptMode.WorkersAskChief),
         train=train,
