@@ -84,6 +84,12 @@ class MMDetTrial(pytorch.PyTorchTrial):
         self.classes = list(self.train_set.metainfo.get("classes", ()))
 
         model = self._build_model(cfg)
+        if cfg.get("find_unused_parameters") and slots > 1:
+            # Determined builds the DistributedDataParallel wrapper itself and takes no such option.
+            logger.warning(
+                "find_unused_parameters=True is not passed to Determined's DDP wrapper; a model "
+                "with parameters unused in the loss fails in backward on more than one slot"
+            )
         self.model = context.wrap_model(model)
         self.optimizer, self.clip_grad, self.autocast, scaler = self._build_optimizer(cfg, model)
         self.scaler = context.wrap_scaler(scaler) if scaler is not None else None
