@@ -129,7 +129,7 @@ def test_cluster_entrypoint_runs_locally_from_the_context_directory(tmp_path, sh
 
 
 def test_epoch_based_schedulers_step_at_epoch_ends_as_mmengine_does(tmp_path, shapes):
-    """48 images / batch 4 = 12 batches an epoch: by_epoch steps there, convert_to_iter_based every batch."""
+    """48 images / batch 4 = 12 batches an epoch; the lr after every batch matches mmengine's hook."""
     schedulers = [
         {
             "type": "LinearLR",
@@ -150,13 +150,31 @@ def test_epoch_based_schedulers_step_at_epoch_ends_as_mmengine_does(tmp_path, sh
     )  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
     lr = {x["batches"]: x["metrics"]["lr"] for x in read_metrics(out) if x["group"] == "training"}
-    # warmup from 0.005 to 0.01 over the 12 batches of epoch 0 (reported after each step)
-    assert lr[1] == pytest.approx(0.005 + 0.005 / 12)
-    assert lr[6] == pytest.approx(0.0075)
-    assert lr[11] == pytest.approx(0.005 + 0.005 * 11 / 12)
-    # epoch 0 ends at batch 12: the multi-step decay applies from then on
-    assert lr[12] == pytest.approx(0.001)
-    assert lr[14] == pytest.approx(0.001)
+    assert lr == pytest.approx(mmengine_lrs(schedulers, base_lr=0.01, epoch_length=12, iters=14))
+    assert lr[12] == pytest.approx(0.001)  # epoch 0 ended at batch 12: the multi-step decay applied
+
+
+def mmengine_lrs(schedulers: list[dict], base_lr: float, epoch_length: int, iters: int) -> dict[int, float]:
+    """The learning rate after each iteration as mmengine's ParamSchedulerHook steps its schedulers."""
+    import mmengine.optim  # noqa: F401  (registers the schedulers)
+    from mmengine.registry import PARAM_SCHEDULERS
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=base_lr)
+    built = [
+        PARAM_SCHEDULERS.build(dict(s), default_args={"optimizer": optimizer, "epoch_length": epoch_length})
+        for s in schedulers
+    ]
+    out = {}
+    for it in range(1, iters + 1):
+        for s in built:
+            if not s.by_epoch:  # after_train_iter
+                s.step()
+        if it % epoch_length == 0:
+            for s in built:
+                if s.by_epoch:  # after_train_epoch
+                    s.step()
+        out[it] = optimizer.param_groups[0]["lr"]
+    return out
 
 
 def test_amp_config_without_gpu_trains_in_float32_and_says_so(tmp_path, shapes):
