@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import logging
-from pathlib import Path
-
 import pytest
 
 from conftest import det_mmdet, write_experiment
@@ -230,7 +227,7 @@ def test_experiment_yaml_that_does_not_parse(tmp_path, capsys):
     assert "no such file" in capsys.readouterr().err
 
 
-def test_local_choice_of_search_space_is_logged(tmp_path, caplog):
+def test_local_choice_of_search_space_is_logged(tmp_path, capsys):
     exp = write_experiment(
         tmp_path,
         {
@@ -239,9 +236,8 @@ def test_local_choice_of_search_space_is_logged(tmp_path, caplog):
             "override_mmdet_config": {"optim_wrapper.optimizer.lr": {"type": "double", "minval": 0.01, "maxval": 0.03}},
         },
     )
-    with caplog.at_level(logging.INFO, logger="det_mmdet"):
-        assert load_experiment(exp).notes == [
-            "hyperparameter override_mmdet_config.optim_wrapper.optimizer.lr: double search space -> 0.02 "
-            "locally (midpoint)"
-        ]
-    assert Path(exp).exists()
+    note = "hyperparameter override_mmdet_config.optim_wrapper.optimizer.lr: double search space -> 0.02 locally"
+    assert load_experiment(exp).notes == [note + " (midpoint)"]
+    assert main(["train", str(exp), "--print-config"]) == 0
+    captured = capsys.readouterr()
+    assert note in captured.err and "lr=0.02" in captured.out

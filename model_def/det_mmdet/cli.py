@@ -192,7 +192,7 @@ def free_port() -> int:
 
 def launch_workers(args: argparse.Namespace, output_dir: Path) -> int:
     """One process per slot with torchrun's environment; any failure stops them all."""
-    argv = [a for a in args.argv]
+    argv = list(args.argv)
     if args.output_dir is None:
         argv += ["--output-dir", str(output_dir)]
     port = free_port()
