@@ -17,23 +17,17 @@ import sys
 import determined as det
 from determined import pytorch
 
+from det_mmdet.cli import add_schedule_args, setup_logging
 from det_mmdet.cli import main as local_main
-from det_mmdet.cli import setup_logging
 from det_mmdet.config import build_config, experiment_from_dict, parse_set
 from det_mmdet.errors import UserError
-from det_mmdet.runner import fit, schedule
+from det_mmdet.runner import aggregation_frequency, fit, schedule
 from det_mmdet.trial import MMDetTrial
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="MMDetTrial on a Determined cluster")
-    length = p.add_mutually_exclusive_group()
-    length.add_argument("--max-batches", type=int)
-    length.add_argument("--max-epochs", type=int)
-    p.add_argument("--validation-period", type=int)
-    p.add_argument("--checkpoint-period", type=int)
-    p.add_argument("--report-period", type=int)
-    p.add_argument("--set", action="append", default=[])
+    add_schedule_args(p)
     return p.parse_args(argv)
 
 
@@ -50,7 +44,7 @@ def train_on_cluster(info: det.ClusterInfo, args: argparse.Namespace) -> None:
         args.checkpoint_period,
         args.report_period,
     )
-    accumulate = int((cfg.optim_wrapper or {}).get("accumulative_counts", 1))
+    accumulate = aggregation_frequency(cfg)
     with pytorch.init(hparams=info.trial.hparams, exp_conf=exp_conf, aggregation_frequency=accumulate) as context:
         trial = MMDetTrial(context, cfg)
         fit(trial, context, plan, latest_checkpoint=info.latest_checkpoint)

@@ -34,9 +34,8 @@ def setup_logging(verbose: bool = False) -> None:
         logger.propagate = False
 
 
-def add_train_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("experiment", help="Determined experiment YAML")
-    p.add_argument("--print-config", action="store_true", help="print the resolved mmdet config and exit")
+def add_schedule_args(p: argparse.ArgumentParser) -> None:
+    """Training length, periods and overrides: shared with the cluster entrypoint (model_def/train.py)."""
     p.add_argument(
         "--set",
         action="append",
@@ -50,6 +49,12 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--validation-period", type=int, metavar="BATCHES")
     p.add_argument("--checkpoint-period", type=int, metavar="BATCHES")
     p.add_argument("--report-period", type=int, metavar="BATCHES", help="training metrics every N batches (10)")
+
+
+def add_train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("experiment", help="Determined experiment YAML")
+    p.add_argument("--print-config", action="store_true", help="print the resolved mmdet config and exit")
+    add_schedule_args(p)
     p.add_argument("--output-dir", type=Path, help="default: ./runs/<name>-<time>")
     p.add_argument("--slots", type=int, default=1, help="local processes (gloo on CPU, nccl on GPU)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output-dir")
@@ -177,7 +182,7 @@ def train_local(
 
         Config(redact(cfg.to_dict())).dump(str(output_dir / "config.py"))
         logger.info("training %s -> %s", exp.name, output_dir)
-    accumulate = int((cfg.optim_wrapper or {}).get("accumulative_counts", 1))
+    accumulate = runner.aggregation_frequency(cfg)
     with local.local_context(exp.hparams, exp.config, output_dir, distributed, accumulate) as context:
         trial = MMDetTrial(context, cfg)
         runner.fit(trial, context, plan, latest, checkpoint_policy="all", resume_at_batch=resume_at)

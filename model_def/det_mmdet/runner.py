@@ -77,6 +77,11 @@ def schedule(
     return Schedule(length, val, ckpt, report)
 
 
+def aggregation_frequency(cfg) -> int:
+    """mmengine's ``optim_wrapper.accumulative_counts`` is Determined's gradient aggregation frequency."""
+    return int((cfg.get("optim_wrapper") or {}).get("accumulative_counts", 1))
+
+
 def fit(
     trial: pytorch.PyTorchTrial,
     context: pytorch.PyTorchTrialContext,
