@@ -68,6 +68,18 @@ def test_two_slots_train_and_validate_every_image_once(tmp_path, shapes):
     assert validation["metrics"]["bbox_mAP"] >= 0
 
 
+def test_find_unused_parameters_reaches_ddp(tmp_path, shapes):
+    # ResNet computes its last stage even when out_indices leave it out: its weights get no gradient,
+    # which torch DDP only accepts with find_unused_parameters=True (mmdet's config key for it).
+    unused_stage = {"model.backbone.out_indices": [0, 1, 2], "model.neck.in_channels": [16, 32, 64]}
+    r, _ = train(tmp_path, shapes, "--max-batches", 3, "--slots", 2, name="without", **unused_stage)
+    assert r.returncode != 0 and "set find_unused_parameters: true" in r.stderr
+    assert "Traceback" not in r.stderr
+    r, out = train(tmp_path, shapes, "--max-batches", 3, "--slots", 2, find_unused_parameters=True, **unused_stage)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert [x["batches"] for x in read_metrics(out) if x["group"] == "validation"] == [3]
+
+
 def _weights(run_dir):
     return torch.load(newest_checkpoint(run_dir / "checkpoints") / "model.pth", weights_only=True)["state_dict"]
 

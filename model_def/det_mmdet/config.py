@@ -37,7 +37,7 @@ MMENGINE_FIELDS = frozenset(
     test_cfg optim_wrapper param_scheduler val_evaluator test_evaluator auto_scale_lr default_hooks
     custom_hooks default_scope env_cfg log_processor log_level load_from resume launcher randomness
     visualizer vis_backends work_dir experiment_name custom_imports model_wrapper_cfg backend_args
-    data_root dataset_type metainfo classes compile cfg strategy""".split()
+    data_root dataset_type metainfo classes compile cfg strategy find_unused_parameters""".split()
 )
 
 SEARCH_TYPES = ("const", "int", "double", "log", "categorical")

@@ -59,6 +59,23 @@ def quiet_mmengine():
         mm_logger.setLevel(level)
 
 
+def find_unused_parameters_in_ddp(context: pytorch.PyTorchTrialContext) -> None:
+    """Make ``context.wrap_model`` build DistributedDataParallel with ``find_unused_parameters=True``.
+
+    Determined constructs the DDP wrapper itself, with torch's defaults and no way to pass options;
+    it looks the wrapper class up on the context, so this context gets a subclass carrying the flag.
+    """
+    base = getattr(type(context), "_PyTorchDistributedDataParallel", None)
+    if base is None:  # a Determined release that builds DDP differently: say so rather than ignore it
+        raise UserError("find_unused_parameters=True is not supported with this Determined version")
+
+    class FindUnusedDDP(base):  # type: ignore[misc, valid-type]
+        def __init__(self, module: torch.nn.Module, **kwargs: Any) -> None:
+            super().__init__(module, find_unused_parameters=True, **kwargs)
+
+    context._PyTorchDistributedDataParallel = FindUnusedDDP
+
+
 class MMDetTrial(pytorch.PyTorchTrial):
     def __init__(self, context: pytorch.PyTorchTrialContext, cfg) -> None:
         from mmengine.registry import init_default_scope
@@ -84,12 +101,8 @@ class MMDetTrial(pytorch.PyTorchTrial):
         self.classes = list(self.train_set.metainfo.get("classes", ()))
 
         model = self._build_model(cfg)
-        if cfg.get("find_unused_parameters") and slots > 1:
-            # Determined builds the DistributedDataParallel wrapper itself and takes no such option.
-            logger.warning(
-                "find_unused_parameters=True is not passed to Determined's DDP wrapper; a model "
-                "with parameters unused in the loss fails in backward on more than one slot"
-            )
+        if cfg.get("find_unused_parameters"):
+            find_unused_parameters_in_ddp(context)
         self.model = context.wrap_model(model)
         self.optimizer, self.clip_grad, self.autocast, scaler = self._build_optimizer(cfg, model)
         self.scaler = context.wrap_scaler(scaler) if scaler is not None else None
@@ -188,7 +201,7 @@ class MMDetTrial(pytorch.PyTorchTrial):
     def train_batch(self, batch: dict[str, Any], epoch_idx: int, batch_idx: int) -> dict[str, Any]:
         with self.autocast:
             inputs = self.model.data_preprocessor(batch, training=True)
-            losses = self.model(**inputs, mode="loss")
+            losses = self._forward_loss(inputs)
         loss, terms = self.model.parse_losses(losses)
         if not self._all_finite(loss):
             detail = ", ".join(f"{k}={float(v):.4g}" for k, v in terms.items() if k != "loss")
@@ -205,6 +218,18 @@ class MMDetTrial(pytorch.PyTorchTrial):
         metrics = {k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in terms.items()}
         metrics["lr"] = float(self.optimizer.param_groups[0]["lr"])
         return metrics
+
+    def _forward_loss(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        try:
+            return self.model(**inputs, mode="loss")
+        except RuntimeError as e:
+            # DDP reports last step's parameters without a gradient at this step's forward.
+            if "Expected to have finished reduction" not in str(e):
+                raise
+            raise UserError(
+                "some model parameters received no gradient on more than one slot; set "
+                "find_unused_parameters: true in override_mmdet_config (mmdet's key) or remove them from the model"
+            ) from None
 
     def _all_finite(self, loss: torch.Tensor) -> bool:
         """Every slot agrees, so one bad slot stops all of them instead of hanging the others."""
