@@ -20,7 +20,7 @@ from determined import pytorch
 from det_mmdet.cli import add_schedule_args, setup_logging
 from det_mmdet.cli import main as local_main
 from det_mmdet.config import build_config, experiment_from_dict, parse_set
-from det_mmdet.errors import UserError
+from det_mmdet.errors import UserError, one_line
 from det_mmdet.runner import aggregation_frequency, fit, schedule
 from det_mmdet.trial import MMDetTrial
 
@@ -58,7 +58,7 @@ def main() -> int:
     try:
         train_on_cluster(info, parse_args(sys.argv[1:]))
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
     return 0
 

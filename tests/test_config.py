@@ -146,14 +146,41 @@ def test_print_config_prints_resolved_text_and_hides_secrets(tmp_path, capsys):
         {
             "global_batch_size": 2,
             "config_file": FASTER,
-            "override_mmdet_config": {"optim_wrapper.optimizer.lr": 0.0123},
+            "override_mmdet_config": {"optim_wrapper.optimizer.lr": 0.0123, "env_cfg.api_token": "SECRET123"},
         },
-        data={"backend_args": {"backend": "s3", "aws_secret_access_key": "SECRET123"}},
     )
     assert main(["train", str(exp), "--print-config", "--set", "train_cfg.max_epochs=3"]) == 0
     out = capsys.readouterr().out
     assert "lr=0.0123" in out and "max_epochs=3" in out
     assert "SECRET123" not in out
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        ({"backend_args": {"backend": "s3", "aws_secret_access_key": "SECRET123"}}, "credentials do not belong"),
+        ({"file_client_args": {"backend": "s4"}}, "backend 's4' is not one of: disk, fake, gcs,"),
+        ({"file_client_args": {"backend": "gcs", "bucket": "b"}}, "data.file_client_args.bucket: unknown option"),
+        ({"cache_dir": "/tmp/c"}, "data.cache_dir: caching applies to s3 or gcs data"),
+        ({"cach_dir": "/tmp/c"}, "data.cach_dir: unknown key; allowed: backend_args,"),
+    ],
+)
+def test_bad_data_section_is_one_line_error(tmp_path, capsys, data, message):
+    exp = write_experiment(tmp_path, {"global_batch_size": 2, "config_file": FASTER}, data=data)
+    assert main(["train", str(exp), "--print-config"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1
+    assert "SECRET123" not in err
+
+
+def test_cache_dir_goes_to_remote_readers():
+    cfg = resolve(
+        {"config_file": FASTER, "override_mmdet_config": {"data_root": "s3://bucket/coco/"}},
+        data={"cache_dir": "/tmp/cache", "cache_max_gb": 2},
+    )
+    want = {"cache_dir": "/tmp/cache", "cache_max_gb": 2}
+    assert cfg.train_dataloader.dataset.backend_args == want and cfg.val_evaluator.backend_args == want
+    assert cfg.val_evaluator.ann_file == "s3://bucket/coco/annotations/instances_val2017.json"
 
 
 def test_console_script_print_config(tmp_path):

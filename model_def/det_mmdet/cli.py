@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from det_mmdet.errors import UserError
+from det_mmdet.errors import UserError, one_line
 
 logger = logging.getLogger("det_mmdet")
 
@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

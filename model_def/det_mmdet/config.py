@@ -310,17 +310,56 @@ def rebase_data_root(node: Any, old: str, new: str) -> None:
 # Storage backends
 
 
-def backend_args_from_data(data: Mapping[str, Any]) -> dict[str, Any] | None:
-    """``data.backend_args`` (mmengine form) or ``data.file_client_args`` (the old model-hub form)."""
+DATA_KEYS = ("backend_args", "file_client_args", "cache_dir", "cache_max_gb", "annotation_cache_dir")
+CACHE_KEYS = ("cache_dir", "cache_max_gb", "annotation_cache_dir")
+
+
+def backend_args_from_data(data: Mapping[str, Any], data_root: Any = None) -> dict[str, Any] | None:
+    """The ``backend_args`` the experiment's ``data`` section asks for (None: leave the config's).
+
+    ``data.backend_args`` is mmengine's form, ``data.file_client_args`` the old model-hub one; the
+    cache settings go to the s3/gcs backends, whether named there or picked by a URI's prefix.
+    """
+    from mmengine.fileio.backends import backends as registered
+
+    from det_mmdet import backends
+
+    if not isinstance(data, Mapping):
+        raise UserError(f"data must be a mapping, got {data!r}")
+    for key in data:
+        if key not in DATA_KEYS:
+            raise UserError(f"data.{key}: unknown key; allowed: {', '.join(DATA_KEYS)}")
     if data.get("backend_args") is not None and data.get("file_client_args") is not None:
         raise UserError("data: give either backend_args or file_client_args, not both")
-    args = data.get("backend_args", data.get("file_client_args"))
-    if args is None:
+    name = "backend_args" if data.get("backend_args") is not None else "file_client_args"
+    args = data.get(name)
+    cache = {k: data[k] for k in CACHE_KEYS if data.get(k) is not None}
+    if args is None and not cache:
         return None
-    if not isinstance(args, Mapping) or "backend" not in args:
-        raise UserError(f"data.backend_args must be a mapping with a 'backend' key, got {args!r}")
-    args = dict(args)
-    if args["backend"] in ("disk", "local"):
+    if args is not None and (not isinstance(args, Mapping) or "backend" not in args):
+        raise UserError(f"data.{name} must be a mapping with a 'backend' key, got {args!r}")
+    args = dict(args or {})
+    kind = args.get("backend")
+    if kind is not None and kind not in registered:
+        raise UserError(f"data.{name}.backend {kind!r} is not one of: {', '.join(sorted(registered))}")
+    remote_root = isinstance(data_root, str) and data_root.startswith(backends.REMOTE_PREFIXES)
+    if cache and not (kind in backends.REMOTE_BACKENDS or (kind is None and remote_root)):
+        raise UserError(
+            f"data.{next(iter(cache))}: caching applies to s3 or gcs data (a data_root of s3:// or gs://, "
+            f"or data.{name}.backend s3|gcs), got backend {kind or 'disk'!r} and data_root {data_root!r}"
+        )
+    args.update(cache)
+    if kind in backends.REMOTE_BACKENDS or kind is None:
+        for key in args:
+            if key.lower() in backends.CREDENTIAL_KEYS:
+                raise UserError(
+                    f"data.{name}.{key}: credentials do not belong in the experiment; use the environment "
+                    "(AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE, GOOGLE_APPLICATION_CREDENTIALS) "
+                    "or an instance role"
+                )
+            if key != "backend" and key not in backends.OPTIONS:
+                raise UserError(f"data.{name}.{key}: unknown option; allowed: {', '.join(sorted(backends.OPTIONS))}")
+    if kind in ("disk", "local"):
         return None  # mmengine's default: local files
     return args
 
@@ -388,7 +427,7 @@ def build_config(exp: Experiment, sets: Mapping[str, Any] | None = None):
             tree["data_root"] = new_root = new_root + "/"
         rebase_data_root(tree, data_root, new_root)
 
-    backend_args = backend_args_from_data(exp.data)
+    backend_args = backend_args_from_data(exp.data, tree.get("data_root"))
     if backend_args is not None or exp.data.get("backend_args") or exp.data.get("file_client_args"):
         substitute_backend_args(tree, backend_args)
 

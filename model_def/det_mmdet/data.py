@@ -18,6 +18,7 @@ import torch
 from determined import pytorch
 from mmengine.dataset import pseudo_collate
 
+from det_mmdet import backends  # noqa: F401  (registers the s3, gcs and fake file backends)
 from det_mmdet.errors import UserError
 
 

@@ -87,7 +87,7 @@ class MMDetTrial(pytorch.PyTorchTrial):
         self.rank = context.distributed.get_rank()
         slots = context.distributed.get_size()
         # The hyperparameter itself: Determined's context rounds a size that slots do not divide.
-        self.batch_size = per_slot_batch_size(int(context.get_hparam("global_batch_size")), slots)
+        self.batch_size = per_slot_batch_size(int(context.get_hparams()["global_batch_size"]), slots)
 
         randomness = cfg.get("randomness") or {}
         info = det.get_cluster_info()
@@ -204,7 +204,9 @@ class MMDetTrial(pytorch.PyTorchTrial):
             losses = self._forward_loss(inputs)
         loss, terms = self.model.parse_losses(losses)
         if not self._all_finite(loss):
-            detail = ", ".join(f"{k}={float(v):.4g}" for k, v in terms.items() if k != "loss")
+            detail = ", ".join(
+                f"{k}={float(v.detach() if torch.is_tensor(v) else v):.4g}" for k, v in terms.items() if k != "loss"
+            )
             raise UserError(f"non-finite loss {float(loss)} at batch {batch_idx} (epoch {epoch_idx}): {detail}")
 
         self.context.backward(self.scaler.scale(loss) if self.scaler else loss)
