@@ -38,7 +38,7 @@ format: setup
 	$(BIN)/ruff check --fix .
 
 bench: setup
-	$(BIN)/python bench/throughput.py
+	$(BIN)/python bench/data_pipeline.py
 
 clean:
 	rm -rf runs .pytest_cache

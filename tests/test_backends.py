@@ -147,3 +147,35 @@ def test_fake_backend_trains_without_reading_images(tmp_path, stores, shapes):
     r, out = run(tmp_path, stores, f"{moved}/", "--max-batches", 3, data=data)
     assert r.returncode == 0, r.stderr[-3000:]
     assert [x["batches"] for x in read_metrics(out) if x["group"] == "validation"] == [3]
+
+
+def test_retries_are_bounded_then_name_the_object(tmp_path, stores):
+    def rule(method: str, path: str, seen: int):
+        return 503 if method == "GET" and path.endswith("train.json") else None
+
+    data = {"file_client_args": {"backend": "s3", "bucket_name": BUCKET, "max_attempts": 3, "backoff_s": 0.01}}
+    with Proxy(stores["s3"], rule) as proxy:
+        r, _ = run(tmp_path, stores, "shapes/", "--max-batches", 2, data=data, s3=proxy.url)
+    assert r.returncode == 2
+    assert (
+        r.stderr.strip()
+        .splitlines()[-1]
+        .startswith(
+            "error: reading s3://det-mmdet-data/shapes/annotations/train.json failed 3 times; last error: ClientError"
+        )
+    )
+    assert proxy.failed[("GET", f"/{BUCKET}/shapes/annotations/train.json")] == 3
+
+
+def test_image_cache_stays_within_its_bound(tmp_path, stores, monkeypatch):
+    from det_mmdet.backends import S3Backend
+
+    for key, value in {**S3_ENV, "AWS_ENDPOINT_URL": stores["s3"]}.items():
+        monkeypatch.setenv(key, value)
+    images = [f"s3://{BUCKET}/shapes/train/train_{i:05d}.jpg" for i in range(10)]
+    one = len(S3Backend().get(images[0]))
+    backend = S3Backend(cache_dir=str(tmp_path / "c"), cache_max_gb=3.5 * one / 1e9)
+    data = [backend.get(uri) for uri in images]
+    cached = sorted((tmp_path / "c").rglob("*.jpg"))
+    assert 2 <= len(cached) <= 3 and sum(f.stat().st_size for f in cached) <= 3.5 * one
+    assert [backend.get(uri) for uri in images] == data  # cached or not, the same bytes
