@@ -7,7 +7,10 @@ STAMP := $(VENV)/.setup-done
 export MMCV_WITH_OPS := 1
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup demo test lint format clean bench
+.PHONY: setup demo test lint format clean bench image
+
+# The cluster image (docker/Dockerfile); experiments/*.yaml name this tag. Push it where your cluster pulls.
+IMAGE ?= ghcr.io/your-org/det-mmdet:0.1.0
 
 setup: $(STAMP)
 
@@ -39,6 +42,9 @@ format: setup
 
 bench: setup
 	$(BIN)/python bench/data_pipeline.py
+
+image:
+	docker build -f docker/Dockerfile -t $(IMAGE) .
 
 clean:
 	rm -rf runs .pytest_cache

@@ -19,7 +19,7 @@ from determined import pytorch
 
 from det_mmdet.cli import add_schedule_args, setup_logging
 from det_mmdet.cli import main as local_main
-from det_mmdet.config import build_config, experiment_from_dict, parse_set
+from det_mmdet.config import build_config, experiment_for_trial, parse_set
 from det_mmdet.errors import UserError, one_line
 from det_mmdet.runner import aggregation_frequency, fit, schedule
 from det_mmdet.trial import MMDetTrial
@@ -33,7 +33,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def train_on_cluster(info: det.ClusterInfo, args: argparse.Namespace) -> None:
     exp_conf = dict(info.trial._config)
-    exp = experiment_from_dict({**exp_conf, "hyperparameters": info.trial.hparams})
+    exp = experiment_for_trial(exp_conf, info.trial.hparams)
     cfg = build_config(exp, parse_set(args.set))
     plan = schedule(
         cfg,

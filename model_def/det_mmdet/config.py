@@ -113,6 +113,15 @@ def experiment_from_dict(raw: dict[str, Any], path: Path | None = None) -> Exper
     return Experiment(path=path, config=raw, hparams=values, notes=notes)
 
 
+def experiment_for_trial(exp_conf: dict[str, Any], hparams: dict[str, Any]) -> Experiment:
+    """A cluster trial's experiment: the experiment config with the searcher's sampled hyperparameters.
+
+    Determined hands nested hyperparameters as nested mappings of plain values, which
+    ``override_mmdet_config`` reads the same as dotted keys.
+    """
+    return experiment_from_dict({**exp_conf, "hyperparameters": hparams})
+
+
 def resolve_search_spaces(node: Any, name: str, notes: list[str]) -> Any:
     """Pick the documented local value for every Determined search space in ``node``.
 
@@ -310,7 +319,14 @@ def rebase_data_root(node: Any, old: str, new: str) -> None:
 # Storage backends
 
 
-DATA_KEYS = ("backend_args", "file_client_args", "cache_dir", "cache_max_gb", "annotation_cache_dir")
+DATA_KEYS = (
+    "backend_args",
+    "file_client_args",
+    "cache_dir",
+    "cache_max_gb",
+    "annotation_cache_dir",
+    "classes_from_annotations",
+)
 CACHE_KEYS = ("cache_dir", "cache_max_gb", "annotation_cache_dir")
 
 
@@ -362,6 +378,59 @@ def backend_args_from_data(data: Mapping[str, Any], data_root: Any = None) -> di
     if kind in ("disk", "local"):
         return None  # mmengine's default: local files
     return args
+
+
+def classes_from_annotations(tree: dict[str, Any]) -> list[str]:
+    """Take the class names from the training annotation file and make the whole config agree.
+
+    Every dataset gets ``metainfo.classes`` (mmdet maps category names to labels with it) and every
+    ``num_classes`` in the model becomes their count, so a custom data set needs no class list.
+    """
+    import json
+
+    from mmengine.fileio import get_local_path
+
+    dataset = (tree.get("train_dataloader") or {}).get("dataset") or {}
+    while "ann_file" not in dataset and isinstance(dataset.get("dataset"), dict):  # RepeatDataset & co.
+        dataset = dataset["dataset"]
+    if not dataset.get("ann_file"):
+        raise UserError("data.classes_from_annotations: train_dataloader.dataset has no ann_file")
+    ann_file, root = str(dataset["ann_file"]), str(dataset.get("data_root") or "")
+    if root and not (ann_file.startswith("/") or "://" in ann_file):
+        ann_file = root.rstrip("/") + "/" + ann_file
+    try:
+        with get_local_path(ann_file, backend_args=dataset.get("backend_args")) as local:
+            categories = json.loads(Path(local).read_text()).get("categories") or []
+    except FileNotFoundError:
+        raise UserError(f"data.classes_from_annotations: {ann_file} does not exist") from None
+    names = [str(c["name"]) for c in sorted(categories, key=lambda c: c["id"])]
+    if not names:
+        raise UserError(f"data.classes_from_annotations: {ann_file} lists no categories")
+    _set_classes(tree, names)
+    # Top-level names a config uses to build its datasets (custom_coco.py's style), kept consistent.
+    if "classes" in tree:
+        tree["classes"] = tuple(names)
+    if isinstance(tree.get("metainfo"), dict):
+        tree["metainfo"] = {"classes": tuple(names)}
+    logger.info(
+        "classes from %s: %s (%d)", ann_file, ", ".join(names[:10]) + (" ..." if len(names) > 10 else ""), len(names)
+    )
+    return names
+
+
+def _set_classes(node: Any, names: list[str], in_model: bool = False) -> None:
+    if isinstance(node, dict):
+        if "ann_file" in node and "pipeline" in node:  # a dataset (evaluators have ann_file too)
+            node["metainfo"] = {**{k: v for k, v in (node.get("metainfo") or {}).items() if k != "palette"},
+                                "classes": tuple(names)}  # fmt: skip
+        for key, value in node.items():
+            if key == "num_classes" and in_model:
+                node[key] = len(names)
+            else:
+                _set_classes(value, names, in_model or key == "model")
+    elif isinstance(node, (list, tuple)):
+        for value in node:
+            _set_classes(value, names, in_model)
 
 
 def substitute_backend_args(node: Any, backend_args: dict[str, Any] | None) -> int:
@@ -430,6 +499,8 @@ def build_config(exp: Experiment, sets: Mapping[str, Any] | None = None):
     backend_args = backend_args_from_data(exp.data, tree.get("data_root"))
     if backend_args is not None or exp.data.get("backend_args") or exp.data.get("file_client_args"):
         substitute_backend_args(tree, backend_args)
+    if exp.data.get("classes_from_annotations"):
+        classes_from_annotations(tree)
 
     return Config(tree, filename=str(cfg_path))
 
