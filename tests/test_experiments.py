@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+import expconf
 from conftest import ROOT, det_mmdet, read_metrics, shapes_hparams, write_experiment
 from det_mmdet.cli import main
 from det_mmdet.config import build_config, experiment_for_trial
@@ -25,6 +26,13 @@ def test_the_expected_experiments_exist():
     names = {p.stem for p in EXPERIMENTS}
     assert {"fasterrcnn", "maskrcnn", "retinanet", "finetune_custom_coco", "search_asha", "s3", "gcs"} <= names
     assert any(load(p).get("resources", {}).get("slots_per_trial") == 8 for p in EXPERIMENTS)
+
+
+@pytest.mark.skipif(expconf.EXPCONF_DIR is None, reason="Determined's expconf schemas are not available here")
+@pytest.mark.parametrize("path", EXPERIMENTS, ids=lambda p: p.name)
+def test_experiment_is_valid_for_determined_038(path):
+    """Determined 0.38.1's own schemas (with its custom keywords) plus the master's 0.38 rules."""
+    assert expconf.sanity_errors(load(path)) == []
 
 
 @pytest.mark.parametrize("path", EXPERIMENTS, ids=lambda p: p.name)
