@@ -501,6 +501,9 @@ def build_config(exp: Experiment, sets: Mapping[str, Any] | None = None):
         substitute_backend_args(tree, backend_args)
     if exp.data.get("classes_from_annotations"):
         classes_from_annotations(tree)
+    from det_mmdet import weights
+
+    tree["load_from"] = weights.resolve_source(hp, cfg_path, tree.get("load_from"))
 
     return Config(tree, filename=str(cfg_path))
 

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from determined import pytorch
 
-from det_mmdet import checkpoint, data
+from det_mmdet import checkpoint, data, weights
 from det_mmdet.errors import UserError
 from det_mmdet.evaluation import EvaluatorReducer
 
@@ -124,6 +124,8 @@ class MMDetTrial(pytorch.PyTorchTrial):
             raise UserError(f"model: {e.args[0] if e.args else e}") from None
         with quiet_mmengine():
             model.init_weights()  # mmengine logs one INFO paragraph per parameter
+        if cfg.get("load_from"):
+            weights.load_into(model, str(cfg.load_from))
         n_classes = _num_classes(cfg.model)
         if n_classes is not None and self.classes and n_classes != len(self.classes):
             raise UserError(
