@@ -72,6 +72,23 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--data-dir", type=Path, default=Path("data/shapes"))
     demo.add_argument("--max-batches", type=int)
     demo.set_defaults(func=cmd_demo)
+
+    export = sub.add_parser("export", help="model.pth + config.py from a checkpoint or run directory")
+    export.add_argument("checkpoint", type=Path, help="a checkpoint directory, or a run's --output-dir")
+    export.add_argument("--out", type=Path, required=True)
+    export.set_defaults(func=cmd_export)
+    predict = sub.add_parser("predict", help="draw predictions and write COCO results.json")
+    predict.add_argument("model", type=Path, help="a model directory (det-mmdet export) or checkpoint")
+    predict.add_argument("inputs", nargs="+", help="images, folders, s3:// or gs:// URIs")
+    predict.add_argument("--out", type=Path, required=True)
+    predict.add_argument("--score-thr", type=float, default=0.3)
+    predict.set_defaults(func=cmd_predict)
+    evaluate = sub.add_parser("evaluate", help="COCO AP/AR of a model on a labelled set")
+    evaluate.add_argument("model", type=Path, help="a model directory (det-mmdet export) or checkpoint")
+    evaluate.add_argument("--ann", type=Path, required=True, help="COCO annotation file")
+    evaluate.add_argument("--images", type=Path, required=True, help="image folder (file_name is relative to it)")
+    evaluate.add_argument("--out", type=Path, help="also write metrics.json and per_class_ap.md here")
+    evaluate.set_defaults(func=cmd_evaluate)
     return parser
 
 
@@ -229,6 +246,32 @@ def launch_workers(args: argparse.Namespace, output_dir: Path) -> int:
                     other.terminate()
         time.sleep(0.2)
     return code
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    setup_logging()
+    from det_mmdet.export import export
+
+    export(args.checkpoint, args.out)
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    setup_logging()
+    from det_mmdet.export import predict
+
+    if not 0 <= args.score_thr <= 1:
+        raise UserError(f"--score-thr must be within 0..1, got {args.score_thr}")
+    predict(args.model, args.inputs, args.out, args.score_thr)
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    setup_logging()
+    from det_mmdet.export import evaluate
+
+    evaluate(args.model, args.ann, args.images, args.out)
+    return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

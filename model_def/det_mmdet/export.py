@@ -1,0 +1,223 @@
+"""Models out of training: export a checkpoint, predict on images, evaluate on a COCO set.
+
+A *model directory* holds ``model.pth`` (``state_dict`` + ``meta.dataset_meta`` with the classes;
+tensors and plain types only, so ``torch.load(weights_only=True)`` reads it) and ``config.py`` (the
+resolved config in test mode). mmdet's ``DetInferencer`` and ``tools/test.py`` load it unchanged.
+``export`` makes one from any checkpoint this project wrote, locally or on a cluster (after
+``det checkpoint download``), and from a run directory (its newest complete checkpoint).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from det_mmdet.checkpoint import CONFIG_FILE, MODEL_FILE, allow_numpy_rng_state, newest_checkpoint, plain
+from det_mmdet.errors import UserError
+
+logger = logging.getLogger("det_mmdet")
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+
+
+# ---- export ---------------------------------------------------------------------------------------
+
+
+def find_checkpoint(source: Path) -> Path:
+    """``source`` itself when it is a checkpoint, else the newest complete one of a run directory."""
+    if not source.exists():
+        raise UserError(f"{source} does not exist")
+    if (source / CONFIG_FILE).is_file() and ((source / MODEL_FILE).is_file() or (source / "state_dict.pth").is_file()):
+        return source
+    newest = newest_checkpoint(source / "checkpoints") or newest_checkpoint(source)
+    if newest is None:
+        raise UserError(f"{source}: neither a checkpoint (config.py + model.pth) nor a run with complete checkpoints")
+    return newest
+
+
+def test_mode_config(cfg) -> None:
+    """What inference and ``tools/test.py`` need: test loader/evaluator present, nothing to download."""
+    for split in ("dataloader", "evaluator", "cfg"):
+        if not cfg.get(f"test_{split}") and cfg.get(f"val_{split}"):
+            cfg[f"test_{split}"] = cfg[f"val_{split}"]
+    cfg.load_from = None
+    cfg.resume = False
+
+
+def export(source: Path, out: Path) -> Path:
+    from mmengine.config import Config
+
+    ckpt = find_checkpoint(source)
+    cfg = Config.fromfile(str(ckpt / CONFIG_FILE))
+    test_mode_config(cfg)
+    if (ckpt / MODEL_FILE).is_file():
+        saved = torch.load(ckpt / MODEL_FILE, map_location="cpu", weights_only=True)
+    else:  # Determined's own state: the first (only) model's state dict; classes from the config
+        allow_numpy_rng_state()
+        state = torch.load(ckpt / "state_dict.pth", map_location="cpu", weights_only=True)["models_state_dict"][0]
+        classes = ((cfg.get("train_dataloader") or {}).get("dataset") or {}).get("metainfo", {}).get("classes")
+        saved = {"state_dict": state, "meta": {"dataset_meta": plain({"classes": classes} if classes else {})}}
+    out.mkdir(parents=True, exist_ok=True)
+    torch.save(saved, out / MODEL_FILE)
+    cfg.dump(str(out / CONFIG_FILE))
+    classes = saved.get("meta", {}).get("dataset_meta", {}).get("classes") or []
+    logger.info("exported %s -> %s (%d classes)", ckpt, out, len(classes))
+    return out
+
+
+# ---- predict --------------------------------------------------------------------------------------
+
+
+def inferencer(model_dir: Path, device: str | None = None):
+    from mmdet.apis import DetInferencer
+
+    model_dir = find_checkpoint(model_dir)
+    for name in (CONFIG_FILE, MODEL_FILE):
+        if not (model_dir / name).is_file():
+            raise UserError(f"{model_dir}: no {name} (make a model directory with `det-mmdet export`)")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return DetInferencer(
+        model=str(model_dir / CONFIG_FILE), weights=str(model_dir / MODEL_FILE), device=device, show_progress=False
+    )
+
+
+def collect_inputs(inputs: Iterable[str], scratch: Path) -> list[tuple[str, Path]]:
+    """(name as given, local file) for every image: files, folders (recursively), s3:// and gs:// URIs."""
+    found: list[tuple[str, Path]] = []
+    for item in inputs:
+        if item.startswith(("s3://", "gs://", "gcs://")):
+            from mmengine.fileio import get
+
+            from det_mmdet import backends  # noqa: F401  (registers s3/gcs)
+
+            local = scratch / item.split("://", 1)[1]
+            local.parent.mkdir(parents=True, exist_ok=True)
+            local.write_bytes(get(item))
+            found.append((item, local))
+            continue
+        path = Path(item)
+        if path.is_dir():
+            images = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+            if not images:
+                raise UserError(f"{path}: no images ({', '.join(IMAGE_SUFFIXES)})")
+            found += [(str(p), p) for p in images]
+        elif path.is_file():
+            found.append((str(path), path))
+        else:
+            raise UserError(f"{item} does not exist")
+    return found
+
+
+def predict(model_dir: Path, inputs: list[str], out: Path, score_thr: float = 0.3) -> Path:
+    """One picture per image with boxes/masks/classes/scores drawn, plus ``results.json`` (COCO results)."""
+    import numpy as np
+    from pycocotools import mask as mask_utils
+    from tqdm import tqdm
+
+    model = inferencer(model_dir)
+    classes = list(model.model.dataset_meta.get("classes") or [])
+    out.mkdir(parents=True, exist_ok=True)
+    results: list[dict[str, Any]] = []
+    images: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory() as scratch:
+        for image_id, (name, local) in enumerate(tqdm(collect_inputs(inputs, Path(scratch)), desc="predict"), 1):
+            got = model(
+                str(local), out_dir=str(out), pred_score_thr=score_thr, return_datasamples=True, no_save_pred=True
+            )
+            sample = got["predictions"][0]
+            height, width = sample.metainfo["ori_shape"][:2]
+            images.append({"id": image_id, "file_name": name, "width": int(width), "height": int(height)})
+            pred = sample.pred_instances
+            keep = pred.scores >= score_thr
+            masks = pred.masks[keep].cpu().numpy() if "masks" in pred else None
+            for i, (box, score, label) in enumerate(
+                zip(pred.bboxes[keep], pred.scores[keep], pred.labels[keep], strict=True)
+            ):
+                x1, y1, x2, y2 = (float(v) for v in box)
+                entry = {
+                    "image_id": image_id,
+                    "category_id": int(label) + 1,
+                    "bbox": [x1, y1, x2 - x1, y2 - y1],
+                    "score": float(score),
+                }
+                if masks is not None:
+                    rle = mask_utils.encode(np.asfortranarray(masks[i].astype(np.uint8)))
+                    entry["segmentation"] = {"size": rle["size"], "counts": rle["counts"].decode()}
+                results.append(entry)
+    (out / "results.json").write_text(json.dumps(results))
+    categories = [{"id": i + 1, "name": c} for i, c in enumerate(classes)]
+    (out / "images.json").write_text(json.dumps({"images": images, "categories": categories}, indent=1))
+    logger.info("%d detections on %d images -> %s (pictures in %s)", len(results), len(images), out, out / "vis")
+    return out
+
+
+# ---- evaluate -------------------------------------------------------------------------------------
+
+
+def evaluate(model_dir: Path, ann: Path, images: Path, out: Path | None = None, batch_size: int = 4) -> dict:
+    """COCO AP/AR over a labelled set, printed as pycocotools prints it (bbox, and segm for masks)."""
+    from mmdet.registry import METRICS
+    from mmengine.dataset import pseudo_collate
+    from tqdm import tqdm
+
+    from det_mmdet.data import build_dataset
+
+    for thing, path in (("--ann", ann), ("--images", images)):
+        if not path.exists():
+            raise UserError(f"{thing} {path} does not exist")
+    from mmengine.config import Config
+
+    model = inferencer(model_dir).model
+    cfg = Config.fromfile(str(find_checkpoint(model_dir) / CONFIG_FILE))  # DetInferencer edits its copy's pipeline
+    test_mode_config(cfg)
+    dataset_cfg = dict(cfg.test_dataloader.dataset)
+    classes = list(model.dataset_meta.get("classes") or [])
+    dataset_cfg.update(
+        data_root="", ann_file=str(ann.resolve()), data_prefix={"img": str(images.resolve()) + "/"}, test_mode=True
+    )
+    dataset_cfg["metainfo"] = {"classes": tuple(classes)}
+    dataset = build_dataset(dataset_cfg, "--ann")
+    has_masks = "mask_head" in (cfg.model.get("roi_head") or {})
+    metric = METRICS.build(
+        dict(
+            type="CocoMetric",
+            ann_file=str(ann.resolve()),
+            metric=["bbox", "segm"] if has_masks else ["bbox"],
+            classwise=True,
+            format_only=False,
+        )  # fmt: skip
+    )
+    metric.dataset_meta = dataset.metainfo
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=pseudo_collate)
+    model.eval()
+    with torch.no_grad():
+        for batch in tqdm(loader, desc="evaluate"):
+            outputs = model.test_step(batch)
+            metric.process(batch, [o.to_dict() for o in outputs])  # as mmengine's Evaluator hands them
+    scores = {k.split("/")[-1]: float(v) for k, v in metric.evaluate(len(dataset)).items() if _number(v)}
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "metrics.json").write_text(json.dumps(scores, indent=1))
+        write_per_class(out / "per_class_ap.md", scores, classes)
+    return scores
+
+
+def _number(value: Any) -> bool:
+    try:
+        float(value)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def write_per_class(path: Path, scores: dict[str, float], classes: list[str]) -> None:
+    """Per-class AP (IoU 0.50:0.95, mmdet's classwise CocoMetric; segm when the model has masks)."""
+    lines = ["| class | AP |", "| --- | --- |"]
+    lines += [f"| {name} | {scores.get(f'{name}_precision', float('nan')):.3f} |" for name in classes]
+    path.write_text("\n".join(lines) + "\n")

@@ -1,0 +1,76 @@
+"""export / predict / evaluate on a model trained here, through the console script."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from conftest import det_mmdet, read_metrics, shapes_hparams, write_experiment
+from det_mmdet.checkpoint import newest_checkpoint
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, shapes):
+    root = tmp_path_factory.mktemp("trained")
+    exp = write_experiment(root, shapes_hparams(shapes))
+    r = det_mmdet("train", exp, "--output-dir", root / "run", "--max-batches", 24)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return root / "run"
+
+
+def test_export_from_a_run_and_from_determined_state_alone(tmp_path, trained):
+    r = det_mmdet("export", trained, "--out", tmp_path / "model")
+    assert r.returncode == 0, r.stderr[-2000:]
+    exported = torch.load(tmp_path / "model" / "model.pth", weights_only=True)
+    assert exported["meta"]["dataset_meta"]["classes"] == ["circle", "square", "triangle"]
+    config = (tmp_path / "model" / "config.py").read_text()
+    assert "test_dataloader = dict(" in config and "test_evaluator = dict(" in config and "load_from = None" in config
+
+    # A checkpoint holding only Determined's state (state_dict.pth), as an older run would have.
+    bare = tmp_path / "bare"
+    shutil.copytree(newest_checkpoint(trained / "checkpoints"), bare)
+    (bare / "model.pth").unlink()
+    r = det_mmdet("export", bare, "--out", tmp_path / "from_state")
+    assert r.returncode == 0, r.stderr[-2000:]
+    again = torch.load(tmp_path / "from_state" / "model.pth", weights_only=True)
+    assert again["state_dict"].keys() == exported["state_dict"].keys()
+    assert all(torch.equal(again["state_dict"][k], v) for k, v in exported["state_dict"].items())
+    assert again["meta"]["dataset_meta"]["classes"] == ["circle", "square", "triangle"]
+
+
+def test_predict_draws_pictures_and_writes_coco_results(tmp_path, trained, shapes):
+    r = det_mmdet("predict", trained, shapes / "val", "--out", tmp_path / "pred", "--score-thr", "0.05")
+    assert r.returncode == 0, r.stderr[-2000:]
+    pictures = sorted(p.name for p in (tmp_path / "pred" / "vis").iterdir())
+    assert pictures == sorted(p.name for p in (shapes / "val").iterdir())
+    results = json.loads((tmp_path / "pred" / "results.json").read_text())
+    assert results and {"image_id", "category_id", "bbox", "score"} <= set(results[0])
+    assert all(r["score"] >= 0.05 and r["category_id"] in (1, 2, 3) and len(r["bbox"]) == 4 for r in results)
+    index = json.loads((tmp_path / "pred" / "images.json").read_text())
+    assert [c["name"] for c in index["categories"]] == ["circle", "square", "triangle"]
+    assert len(index["images"]) == 16
+
+
+def test_evaluate_prints_the_coco_table_and_matches_training_validation(tmp_path, trained, shapes):
+    r = det_mmdet(
+        "evaluate", trained, "--ann", shapes / "annotations" / "val.json", "--images", shapes / "val",
+        "--out", tmp_path / "eval",
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = r.stdout + r.stderr
+    assert out.count("Average Precision  (AP) @[") == 6 and out.count("Average Recall     (AR) @[") == 6
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    (validation,) = [x for x in read_metrics(trained) if x["group"] == "validation"]
+    assert metrics["bbox_mAP"] == pytest.approx(validation["metrics"]["bbox_mAP"], abs=1e-3)
+    table = (tmp_path / "eval" / "per_class_ap.md").read_text()
+    assert "| circle |" in table and "| triangle |" in table
+
+
+def test_evaluate_with_a_missing_annotation_file_is_one_line_error(tmp_path, trained, shapes):
+    r = det_mmdet("evaluate", trained, "--ann", tmp_path / "nope.json", "--images", shapes / "val")
+    assert (
+        r.returncode == 2 and r.stderr.strip().splitlines()[-1] == f"error: --ann {tmp_path}/nope.json does not exist"
+    )
