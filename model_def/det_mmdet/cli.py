@@ -89,6 +89,14 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--images", type=Path, required=True, help="image folder (file_name is relative to it)")
     evaluate.add_argument("--out", type=Path, help="also write metrics.json and per_class_ap.md here")
     evaluate.set_defaults(func=cmd_evaluate)
+    convert = sub.add_parser("convert", help="Pascal VOC XML, KITTI or YOLO labels to a COCO annotation file")
+    convert.add_argument("format", choices=("voc", "kitti", "yolo"))
+    convert.add_argument("src", type=Path, help="folder of label files")
+    convert.add_argument("--images", type=Path, required=True, help="folder of the images the labels describe")
+    convert.add_argument("--out", type=Path, required=True, help="COCO annotation file to write")
+    convert.add_argument("--classes", help="comma-separated class names, in label order (default: first seen)")
+    convert.add_argument("--strict", action="store_true", help="any annotation that cannot be converted is an error")
+    convert.set_defaults(func=cmd_convert)
     return parser
 
 
@@ -271,6 +279,17 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from det_mmdet.export import evaluate
 
     evaluate(args.model, args.ann, args.images, args.out)
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from det_mmdet.convert import convert, write
+
+    classes = [c.strip() for c in args.classes.split(",")] if args.classes is not None else None
+    conversion = convert(args.format, args.src, args.images, classes=classes, strict=args.strict)
+    write(conversion, args.out)
+    print(conversion.summary())
+    print(f"wrote {args.out}")
     return 0
 
 
