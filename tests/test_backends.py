@@ -179,3 +179,24 @@ def test_image_cache_stays_within_its_bound(tmp_path, stores, monkeypatch):
     cached = sorted((tmp_path / "c").rglob("*.jpg"))
     assert 2 <= len(cached) <= 3 and sum(f.stat().st_size for f in cached) <= 3.5 * one
     assert [backend.get(uri) for uri in images] == data  # cached or not, the same bytes
+
+
+def test_weights_and_prediction_inputs_from_a_bucket(tmp_path, stores, shapes, monkeypatch):
+    import torch
+
+    from det_mmdet import weights
+    from det_mmdet.export import collect_inputs
+    from object_stores import upload_s3
+
+    for key, value in {**S3_ENV, "AWS_ENDPOINT_URL": stores["s3"], "XDG_CACHE_HOME": str(tmp_path / "x")}.items():
+        monkeypatch.setenv(key, value)
+    src = tmp_path / "up"
+    src.mkdir()
+    torch.save({"state_dict": {"w": torch.arange(3.0)}}, src / "w.pth")
+    upload_s3(stores["s3"], "weights-bucket", src, "models/")
+    local = weights.local_copy("s3://weights-bucket/models/w.pth")
+    assert torch.equal(weights.read_state_dict(local, "s3://weights-bucket/models/w.pth")["w"], torch.arange(3.0))
+
+    found = collect_inputs([f"s3://{BUCKET}/shapes/val/val_00003.jpg"], tmp_path / "scratch")
+    assert found[0][0] == f"s3://{BUCKET}/shapes/val/val_00003.jpg"
+    assert found[0][1].read_bytes() == (shapes / "val" / "val_00003.jpg").read_bytes()

@@ -74,3 +74,21 @@ def test_evaluate_with_a_missing_annotation_file_is_one_line_error(tmp_path, tra
     assert (
         r.returncode == 2 and r.stderr.strip().splitlines()[-1] == f"error: --ann {tmp_path}/nope.json does not exist"
     )
+
+
+def test_mask_rcnn_predictions_carry_rle_masks_and_evaluate_reports_segm(tmp_path, shapes):
+    exp = write_experiment(tmp_path, shapes_hparams(shapes, "configs/shapes_mask_rcnn.py"))
+    r = det_mmdet("train", exp, "--output-dir", tmp_path / "run", "--max-batches", 12)
+    assert r.returncode == 0, r.stderr[-3000:]
+    images = [shapes / "val" / f"val_0000{i}.jpg" for i in range(3)]
+    r = det_mmdet("predict", tmp_path / "run", *images, "--out", tmp_path / "pred", "--score-thr", "0.01")
+    assert r.returncode == 0, r.stderr[-2000:]
+    results = json.loads((tmp_path / "pred" / "results.json").read_text())
+    assert results and all(set(x["segmentation"]) == {"size", "counts"} for x in results)
+    assert results[0]["segmentation"]["size"] == [128, 128]
+    ann = shapes / "annotations" / "val.json"
+    r = det_mmdet("evaluate", tmp_path / "run", "--ann", ann, "--images", shapes / "val", "--out", tmp_path / "eval")
+    assert r.returncode == 0, r.stderr[-2000:]
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert {"bbox_mAP", "segm_mAP"} <= set(metrics)
+    assert "Evaluate annotation type *segm*" in r.stdout + r.stderr
