@@ -21,6 +21,7 @@ from det_mmdet.cli import add_schedule_args, setup_logging
 from det_mmdet.cli import main as local_main
 from det_mmdet.config import build_config, experiment_for_trial, parse_set
 from det_mmdet.errors import UserError, one_line
+from det_mmdet.knobs import with_global_batch_size
 from det_mmdet.runner import aggregation_frequency, fit, schedule
 from det_mmdet.trial import MMDetTrial
 
@@ -45,7 +46,9 @@ def train_on_cluster(info: det.ClusterInfo, args: argparse.Namespace) -> None:
         args.report_period,
     )
     accumulate = aggregation_frequency(cfg)
-    with pytorch.init(hparams=info.trial.hparams, exp_conf=exp_conf, aggregation_frequency=accumulate) as context:
+    slots = int((exp_conf.get("resources") or {}).get("slots_per_trial") or 1)
+    hparams = with_global_batch_size(info.trial.hparams, slots)
+    with pytorch.init(hparams=hparams, exp_conf=exp_conf, aggregation_frequency=accumulate) as context:
         trial = MMDetTrial(context, cfg)
         fit(trial, context, plan, latest_checkpoint=info.latest_checkpoint)
 

@@ -144,9 +144,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise UserError("--resume needs --output-dir (the run to continue)")
     output_dir = args.output_dir or Path("runs") / f"{exp.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     if args.slots > 1 and "RANK" not in os.environ:
+        from det_mmdet.knobs import with_global_batch_size
         from det_mmdet.trial import per_slot_batch_size
 
-        per_slot_batch_size(int(exp.hparams["global_batch_size"]), args.slots)  # fail before spawning
+        hparams = with_global_batch_size(exp.hparams, args.slots)
+        per_slot_batch_size(int(hparams["global_batch_size"]), args.slots)  # fail before spawning
         return launch_workers(args, output_dir)
     return train_local(
         exp,
@@ -208,7 +210,14 @@ def train_local(
         Config(redact(cfg.to_dict())).dump(str(output_dir / "config.py"))
         logger.info("training %s -> %s", exp.name, output_dir)
     accumulate = runner.aggregation_frequency(cfg)
-    with local.local_context(exp.hparams, exp.config, output_dir, distributed, accumulate) as context:
+    from det_mmdet.knobs import with_global_batch_size
+
+    hparams = with_global_batch_size(exp.hparams, distributed.get_size() if distributed else 1)
+    keep = ((cfg.get("default_hooks") or {}).get("checkpoint") or {}).get("max_keep_ckpts")
+    keep = int(keep) if keep and int(keep) > 0 else None
+    with local.local_context(
+        hparams, exp.config, output_dir, distributed, accumulate, keep_checkpoints=keep
+    ) as context:
         trial = MMDetTrial(context, cfg)
         runner.fit(trial, context, plan, latest, checkpoint_policy="all", resume_at_batch=resume_at)
     return 0

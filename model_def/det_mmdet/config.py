@@ -390,9 +390,7 @@ def classes_from_annotations(tree: dict[str, Any]) -> list[str]:
 
     from mmengine.fileio import get_local_path
 
-    dataset = (tree.get("train_dataloader") or {}).get("dataset") or {}
-    while "ann_file" not in dataset and isinstance(dataset.get("dataset"), dict):  # RepeatDataset & co.
-        dataset = dataset["dataset"]
+    dataset = train_dataset(tree)
     if not dataset.get("ann_file"):
         raise UserError("data.classes_from_annotations: train_dataloader.dataset has no ann_file")
     ann_file, root = str(dataset["ann_file"]), str(dataset.get("data_root") or "")
@@ -406,16 +404,29 @@ def classes_from_annotations(tree: dict[str, Any]) -> list[str]:
     names = [str(c["name"]) for c in sorted(categories, key=lambda c: c["id"])]
     if not names:
         raise UserError(f"data.classes_from_annotations: {ann_file} lists no categories")
+    set_classes(tree, names)
+    logger.info(
+        "classes from %s: %s (%d)", ann_file, ", ".join(names[:10]) + (" ..." if len(names) > 10 else ""), len(names)
+    )
+    return names
+
+
+def train_dataset(tree: dict[str, Any]) -> dict[str, Any]:
+    """The training dataset's own config, inside wrappers such as RepeatDataset."""
+    dataset = (tree.get("train_dataloader") or {}).get("dataset") or {}
+    while "ann_file" not in dataset and isinstance(dataset.get("dataset"), dict):
+        dataset = dataset["dataset"]
+    return dataset
+
+
+def set_classes(tree: dict[str, Any], names: list[str]) -> None:
+    """``names`` in every dataset's metainfo and every model ``num_classes`` (and top-level ``classes``)."""
     _set_classes(tree, names)
     # Top-level names a config uses to build its datasets (custom_coco.py's style), kept consistent.
     if "classes" in tree:
         tree["classes"] = tuple(names)
     if isinstance(tree.get("metainfo"), dict):
         tree["metainfo"] = {"classes": tuple(names)}
-    logger.info(
-        "classes from %s: %s (%d)", ann_file, ", ".join(names[:10]) + (" ..." if len(names) > 10 else ""), len(names)
-    )
-    return names
 
 
 def _set_classes(node: Any, names: list[str], in_model: bool = False) -> None:
@@ -473,8 +484,11 @@ def build_config(exp: Experiment, sets: Mapping[str, Any] | None = None):
     where = str(exp.path) if exp.path else "experiment"
     if "config_file" not in hp:
         raise UserError(f"{where}: hyperparameters.config_file is required")
-    if "global_batch_size" not in hp:
-        raise UserError(f"{where}: hyperparameters.global_batch_size is required (Determined splits it across slots)")
+    if "global_batch_size" not in hp and "training_batch_size" not in hp:
+        raise UserError(
+            f"{where}: hyperparameters.global_batch_size is required (Determined splits it across slots), "
+            "or training_batch_size (per slot)"
+        )
     bases = [Path.cwd()] + ([exp.path.parent.resolve()] if exp.path else []) + [CONTEXT_DIR]
 
     cfg_path = locate(hp["config_file"], "config_file", bases, packaged=True)
@@ -484,6 +498,9 @@ def build_config(exp: Experiment, sets: Mapping[str, Any] | None = None):
         cfg.merge_from_dict(load_config_file(merge_path, "merge_config").to_dict())
 
     tree = cfg.to_dict()
+    from det_mmdet import knobs
+
+    applied = knobs.apply(tree, hp)  # before the overrides, so that those still win
     overrides = hp.get("override_mmdet_config") or {}
     if not isinstance(overrides, Mapping):
         raise UserError(f"{where}: hyperparameters.override_mmdet_config must be a mapping")
@@ -499,8 +516,13 @@ def build_config(exp: Experiment, sets: Mapping[str, Any] | None = None):
     backend_args = backend_args_from_data(exp.data, tree.get("data_root"))
     if backend_args is not None or exp.data.get("backend_args") or exp.data.get("file_client_args"):
         substitute_backend_args(tree, backend_args)
-    if exp.data.get("classes_from_annotations"):
+    infer = applied and "classes" not in applied and not (train_dataset(tree).get("metainfo") or {}).get("classes")
+    if exp.data.get("classes_from_annotations") or infer:  # infer: what the fine-tune knobs promise
         classes_from_annotations(tree)
+    if "metric_for_best_model" in applied:
+        wanted, searcher = knobs.metric_name(hp), (exp.config.get("searcher") or {}).get("metric")
+        if searcher is not None and searcher != wanted:
+            raise UserError(f"hyperparameters.metric_for_best_model selects {wanted} but searcher.metric is {searcher}")
     from det_mmdet import weights
 
     tree["load_from"] = weights.resolve_source(hp, cfg_path, tree.get("load_from"))

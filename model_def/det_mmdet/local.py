@@ -37,8 +37,9 @@ class AtomicStorage(SharedFSStorageManager):
     checkpoint is written the working directory is ``model_def/``, the code a cluster would store.
     """
 
-    def __init__(self, base_path: pathlib.Path) -> None:
+    def __init__(self, base_path: pathlib.Path, keep: int | None = None) -> None:
         super().__init__(str(base_path.resolve()))
+        self.keep = keep  # newest complete checkpoints to keep (mmengine's max_keep_ckpts); None: all
         for leftover in pathlib.Path(self._base_path).glob(PARTIAL + "*"):
             shutil.rmtree(leftover)  # from a process that was killed mid-write
 
@@ -53,6 +54,17 @@ class AtomicStorage(SharedFSStorageManager):
         finally:
             os.chdir(previous)
         os.replace(partial, pathlib.Path(self._base_path, dst))
+        if self.keep:
+            self._prune(self.keep)
+
+    def _prune(self, keep: int) -> None:
+        from det_mmdet.checkpoint import is_complete, steps_completed
+
+        done = [d for d in pathlib.Path(self._base_path).iterdir() if d.is_dir() and is_complete(d)]
+        done.sort(key=lambda d: (steps_completed(d), d.stat().st_mtime))
+        for old in done[:-keep]:
+            shutil.rmtree(old)
+            logger.info("removed checkpoint %s (keeping the newest %d)", old.name, keep)
 
 
 class LocalTrainContext(core.DummyTrainContext):
@@ -122,6 +134,7 @@ def local_context(
     distributed: core.DistributedContext | None,
     aggregation_frequency: int = 1,
     show_progress: bool = True,
+    keep_checkpoints: int | None = None,
 ) -> Iterator[pytorch.PyTorchTrialContext]:
     """What ``det.pytorch.init()`` builds off-cluster, with our storage and metrics sinks."""
     distributed = distributed or core.DummyDistributedContext()
@@ -130,7 +143,7 @@ def local_context(
     chief = distributed.get_rank() == 0
     train = LocalTrainContext(output_dir / "metrics.jsonl", show_progress and chief)
     core_context = core.Context(
-        checkpoint=core.DummyCheckpointContext(distributed, AtomicStorage(storage_dir)),
+        checkpoint=core.DummyCheckpointContext(distributed, AtomicStorage(storage_dir, keep_checkpoints)),
         distributed=distributed,
         preempt=core.DummyPreemptContext(distributed, core.PreemptMode.WorkersAskChief),
         train=train,

@@ -59,6 +59,14 @@ def quiet_mmengine():
         mm_logger.setLevel(level)
 
 
+def split_batch(batch: dict[str, Any], parts: int) -> list[dict[str, Any]]:
+    """``parts`` consecutive slices of a collated batch (lists of inputs and data samples)."""
+    if parts == 1:
+        return [batch]
+    size = -(-len(batch["inputs"]) // parts)
+    return [{k: v[i : i + size] for k, v in batch.items()} for i in range(0, len(batch["inputs"]), size)]
+
+
 def find_unused_parameters_in_ddp(context: pytorch.PyTorchTrialContext) -> None:
     """Make ``context.wrap_model`` build DistributedDataParallel with ``find_unused_parameters=True``.
 
@@ -87,7 +95,15 @@ class MMDetTrial(pytorch.PyTorchTrial):
         self.rank = context.distributed.get_rank()
         slots = context.distributed.get_size()
         # The hyperparameter itself: Determined's context rounds a size that slots do not divide.
-        self.batch_size = per_slot_batch_size(int(context.get_hparams()["global_batch_size"]), slots)
+        hparams = context.get_hparams()
+        self.batch_size = per_slot_batch_size(int(hparams["global_batch_size"]), slots)
+        self.splits = 1  # auto_find_batch_size halves the work per forward pass on CUDA out-of-memory
+        self.auto_batch_size = bool(hparams.get("auto_find_batch_size"))
+        if self.auto_batch_size and slots > 1:
+            raise UserError(
+                "hyperparameters.auto_find_batch_size works on one slot; with more, every slot must split "
+                "alike, so set training_batch_size instead"
+            )
 
         randomness = cfg.get("randomness") or {}
         info = det.get_cluster_info()
@@ -201,25 +217,44 @@ class MMDetTrial(pytorch.PyTorchTrial):
         return len(batch["inputs"])
 
     def train_batch(self, batch: dict[str, Any], epoch_idx: int, batch_idx: int) -> dict[str, Any]:
-        with self.autocast:
-            inputs = self.model.data_preprocessor(batch, training=True)
-            losses = self._forward_loss(inputs)
-        loss, terms = self.model.parse_losses(losses)
-        if not self._all_finite(loss):
-            detail = ", ".join(
-                f"{k}={float(v.detach() if torch.is_tensor(v) else v):.4g}" for k, v in terms.items() if k != "loss"
-            )
-            raise UserError(f"non-finite loss {float(loss)} at batch {batch_idx} (epoch {epoch_idx}): {detail}")
+        while True:
+            try:
+                return self._train_step(batch, epoch_idx, batch_idx)
+            except torch.cuda.OutOfMemoryError:
+                if not self.auto_batch_size or self.splits * 2 > len(batch["inputs"]):
+                    raise
+                self.optimizer.zero_grad(set_to_none=True)
+                torch.cuda.empty_cache()
+                self.splits *= 2
+                logger.warning(
+                    "auto_find_batch_size: CUDA out of memory at batch %d; each batch of %d now runs in %d parts",
+                    batch_idx, len(batch["inputs"]), self.splits,
+                )  # fmt: skip
 
-        self.context.backward(self.scaler.scale(loss) if self.scaler else loss)
+    def _train_step(self, batch: dict[str, Any], epoch_idx: int, batch_idx: int) -> dict[str, Any]:
+        total = len(batch["inputs"])
+        metrics: dict[str, float] = {}
+        for part in split_batch(batch, self.splits):
+            with self.autocast:
+                inputs = self.model.data_preprocessor(part, training=True)
+                losses = self._forward_loss(inputs)
+            loss, terms = self.model.parse_losses(losses)
+            if not self._all_finite(loss):
+                detail = ", ".join(
+                    f"{k}={float(v.detach() if torch.is_tensor(v) else v):.4g}" for k, v in terms.items() if k != "loss"
+                )
+                raise UserError(f"non-finite loss {float(loss)} at batch {batch_idx} (epoch {epoch_idx}): {detail}")
+            weight = len(part["inputs"]) / total  # parts of a split batch add up to the whole batch's mean loss
+            self.context.backward((self.scaler.scale(loss) if self.scaler else loss) * weight)
+            for k, v in terms.items():
+                metrics[k] = metrics.get(k, 0.0) + weight * float(v.detach() if torch.is_tensor(v) else v)
+
         self.context.step_optimizer(self.optimizer, clip_grads=self._clip, scaler=self.scaler)
         for scheduler in self.iter_schedulers:
             scheduler.step()
         if self.context.is_epoch_end():
             for scheduler in self.epoch_schedulers:
                 scheduler.step()
-
-        metrics = {k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in terms.items()}
         metrics["lr"] = float(self.optimizer.param_groups[0]["lr"])
         return metrics
 
@@ -260,7 +295,44 @@ class MMDetTrial(pytorch.PyTorchTrial):
         return {}
 
     def build_callbacks(self) -> dict[str, pytorch.PyTorchCallback]:
-        return {"mmdet_export": checkpoint.ExportOnCheckpoint(self)}
+        callbacks: dict[str, pytorch.PyTorchCallback] = {"mmdet_export": checkpoint.ExportOnCheckpoint(self)}
+        hparams = self.context.get_hparams()
+        if hparams.get("early_stopping"):
+            from det_mmdet import knobs
+
+            metric = knobs.metric_name(hparams) if hparams.get("metric_for_best_model") else "bbox_mAP"
+            patience = int(hparams.get("early_stopping_patience", 3))
+            callbacks["early_stopping"] = EarlyStopping(self.context, metric, patience)
+        return callbacks
+
+
+class EarlyStopping(pytorch.PyTorchCallback):
+    """Ask Determined to stop (checkpoint, then exit) when ``metric`` stops improving (higher is better)."""
+
+    def __init__(self, context: pytorch.PyTorchTrialContext, metric: str, patience: int) -> None:
+        self.context, self.metric, self.patience = context, metric, patience
+        self.best: float | None = None
+        self.stale = 0
+
+    def on_validation_end(self, metrics: dict[str, Any]) -> None:
+        if self.metric not in metrics:
+            raise UserError(f"early_stopping: validation reports no {self.metric} ({', '.join(sorted(metrics))})")
+        value = float(metrics[self.metric])
+        if self.best is None or value > self.best:
+            self.best, self.stale = value, 0
+            return
+        self.stale += 1
+        if self.stale >= self.patience:
+            logger.info(
+                "early stopping: %s has not improved on %.4f for %d validations", self.metric, self.best, self.stale
+            )
+            self.context.set_stop_requested(True)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best": self.best, "stale": self.stale}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.best, self.stale = state_dict["best"], int(state_dict["stale"])
 
 
 def _num_classes(model_cfg: Any) -> int | None:
