@@ -194,3 +194,12 @@ def test_training_knobs_early_stopping_checkpoint_limit_and_per_slot_batch(tmp_p
     assert len(checkpoints) == 1
     training = [x for x in read_metrics(out) if x["group"] == "training"]
     assert training[-1]["epochs"] == 0  # 8 batches of 2 of 48 images: still the first epoch
+
+
+def test_readme_documents_every_knob():
+    from conftest import ROOT
+    from det_mmdet.knobs import KNOBS
+
+    readme = (ROOT / "README.md").read_text()
+    for name, meaning in KNOBS.items():
+        assert f"| `{name}` | {meaning} |" in readme, name
