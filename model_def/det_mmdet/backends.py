@@ -359,6 +359,16 @@ class FakeBackend(LocalBackend):
         return self._image
 
 
+class CheckedLocalBackend(LocalBackend):
+    """mmengine's local-disk backend, with a missing file reported as the user's problem, by name."""
+
+    def get(self, filepath: str | Path) -> bytes:
+        try:
+            return super().get(filepath)
+        except FileNotFoundError:
+            raise UserError(f"{filepath} does not exist") from None
+
+
 def _s3_code(error: Any) -> str:
     return str(error.response.get("Error", {}).get("Code", ""))
 
@@ -390,7 +400,8 @@ def _tree_size(root: Path | None) -> int:
 register_backend("s3", S3Backend, force=True, prefixes="s3")
 register_backend("gcs", GCSBackend, force=True, prefixes=["gs", "gcs"])
 register_backend("fake", FakeBackend, force=True)
-register_backend("disk", LocalBackend, force=True)
+register_backend("disk", CheckedLocalBackend, force=True)
+register_backend("local", CheckedLocalBackend, force=True, prefixes="")
 
 REMOTE_PREFIXES = ("s3://", "gs://", "gcs://")
 REMOTE_BACKENDS = ("s3", "gcs")

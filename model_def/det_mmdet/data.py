@@ -9,6 +9,8 @@ to a common size wastes little.
 
 from __future__ import annotations
 
+import json
+import logging
 import random
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -21,19 +23,115 @@ from mmengine.dataset import pseudo_collate
 from det_mmdet import backends  # noqa: F401  (registers the s3, gcs and fake file backends)
 from det_mmdet.errors import UserError
 
+logger = logging.getLogger("det_mmdet")
+
 
 def build_dataset(dataset_cfg: dict[str, Any], what: str):
-    """Build an mmdet dataset from its config, with a one-line error for missing files."""
+    """Build an mmdet dataset from its config; bad annotation files are one-line errors.
+
+    mmdet drops boxes it cannot use (empty, outside the image) and, with ``filter_cfg``, images
+    without boxes; both are counted and logged here, so nothing disappears unsaid.
+    """
     from mmdet.registry import DATASETS
 
     try:
-        dataset = DATASETS.build(dataset_cfg)
+        # Lazily, so that the audit sees the annotation file being parsed.
+        dataset = DATASETS.build({**dict(dataset_cfg), "lazy_init": True})
+        audit = AnnotationAudit(dataset, what) if hasattr(dataset, "parse_data_info") else None
         dataset.full_init()
     except FileNotFoundError as e:
         raise UserError(f"{what}: {e.strerror or 'file not found'}: {e.filename or e}") from None
+    except json.JSONDecodeError as e:
+        ann = dataset_cfg.get("ann_file", "")
+        raise UserError(f"{what}: {ann} is not valid JSON ({e.msg}, line {e.lineno})") from None
     if len(dataset) == 0:
         raise UserError(f"{what}: the dataset {dataset_cfg.get('ann_file', '')!r} has no usable images")
+    if audit is not None:
+        audit.report(len(dataset))
     return dataset
+
+
+class AnnotationAudit:
+    """Counts what mmdet's COCO parsing drops, and checks the file against the config's classes.
+
+    It wraps the dataset's ``parse_data_info`` (called once per image while ``dataset.coco`` is
+    loaded) to see each image's raw annotations next to the instances mmdet keeps.
+    """
+
+    def __init__(self, dataset, what: str) -> None:
+        self.dataset, self.what = dataset, what
+        self.images = self.boxes = self.kept = 0
+        self.checked = False
+        self.parse = dataset.parse_data_info
+        dataset.parse_data_info = self._parse
+
+    def _parse(self, raw: dict[str, Any]):
+        if not self.checked:
+            self._check_file()
+            self.checked = True
+        info = self.parse(raw)
+        self.images += 1
+        self.boxes += len(raw.get("raw_ann_info") or [])
+        self.kept += len(info.get("instances") or []) if isinstance(info, dict) else 0
+        return info
+
+    def _check_file(self) -> None:
+        coco = getattr(self.dataset, "coco", None)
+        if coco is None:
+            return
+        ann = self.dataset.ann_file
+        names = {c["name"] for c in coco.cats.values()}
+        absent = [c for c in self.dataset.metainfo.get("classes", ()) if c not in names]
+        if absent:
+            raise UserError(
+                f"{self.what}: classes not in {ann}: {', '.join(absent)} (its categories: {', '.join(sorted(names))})"
+            )
+        orphans = [a for a in coco.anns.values() if a.get("image_id") not in coco.imgs]
+        if orphans:
+            raise UserError(
+                f"{self.what}: {len(orphans)} annotations in {ann} refer to image ids that are not in its images "
+                f"(e.g. annotation {orphans[0].get('id')} -> image_id {orphans[0].get('image_id')})"
+            )
+
+    def report(self, kept_images: int) -> None:
+        if self.boxes > self.kept:
+            logger.warning(
+                "%s: mmdet skipped %d of %d boxes (empty, degenerate or outside their image)",
+                self.what, self.boxes - self.kept, self.boxes,
+            )  # fmt: skip
+        if self.images > kept_images:
+            logger.warning(
+                "%s: %d of %d images left out by filter_cfg (no usable boxes, or smaller than min_size)",
+                self.what, self.images - kept_images, self.images,
+            )  # fmt: skip
+
+
+class NamedErrors(torch.utils.data.Dataset):
+    """What the loaders see: any failure to load a sample names the sample's image, in one line."""
+
+    def __init__(self, dataset, what: str) -> None:
+        self.dataset, self.what = dataset, what
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        try:
+            return self.dataset[index]
+        except UserError:
+            raise
+        except Exception as e:  # re-raised as the user's problem with this image, cause chained
+            path = self.dataset.get_data_info(index).get("img_path", f"sample {index}")
+            raise UserError(f"{self.what}: {path}: {describe_sample_error(e)}") from e
+
+
+def describe_sample_error(error: Exception) -> str:
+    # mmcv's LoadImageFromFile asserts the decoded image is not None; older pipelines then fail on .shape.
+    undecodable = "failed to load image" in str(error) or "'NoneType' object has no attribute 'shape'" in str(error)
+    if isinstance(error, (AssertionError, AttributeError)) and undecodable:
+        return "cannot decode the image (corrupt, truncated or not an image)"
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}"
 
 
 class EpochShuffleSampler(torch.utils.data.Sampler):
@@ -97,18 +195,19 @@ def seed_worker(worker_id: int) -> None:
 
 
 def train_loader(dataset, loader_cfg: dict[str, Any], batch_size: int, seed: int) -> pytorch.DataLoader:
+    """Training batches: epoch-seeded order, aspect-ratio groups when the config asks for them."""
     sampler = EpochShuffleSampler(len(dataset), seed, shuffle=True)
     batch_sampler_cfg = loader_cfg.get("batch_sampler") or {}
     if batch_sampler_cfg.get("type") == "AspectRatioBatchSampler":
         batches = AspectRatioBatchSampler(sampler, batch_size, aspect_flags(dataset))
     else:
         batches = torch.utils.data.BatchSampler(sampler, batch_size, drop_last=False)
-    return _loader(dataset, loader_cfg, batch_sampler=batches, seed=seed)
+    return _loader(NamedErrors(dataset, "train_dataloader"), loader_cfg, batch_sampler=batches, seed=seed)
 
 
 def val_loader(dataset, loader_cfg: dict[str, Any], batch_size: int) -> pytorch.DataLoader:
     batches = torch.utils.data.BatchSampler(torch.utils.data.SequentialSampler(dataset), batch_size, drop_last=False)
-    return _loader(dataset, loader_cfg, batch_sampler=batches, seed=0)
+    return _loader(NamedErrors(dataset, "val_dataloader"), loader_cfg, batch_sampler=batches, seed=0)
 
 
 def _loader(dataset, loader_cfg: dict[str, Any], batch_sampler, seed: int) -> pytorch.DataLoader:
