@@ -249,6 +249,8 @@ def launch_workers(args: argparse.Namespace, output_dir: Path) -> int:
             MASTER_PORT=str(port),
             USE_TORCH_DISTRIBUTED="1",
         )
+        # As torchrun does: K processes each with all cores' threads would oversubscribe the CPU.
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.slots)))
         procs.append(subprocess.Popen([sys.executable, "-m", "det_mmdet.cli", *argv], env=env))
     code = 0
     while procs:
