@@ -53,13 +53,21 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
 
 
-def write_model_files(directory: Path, model: torch.nn.Module, cfg, dataset_meta: dict[str, Any]) -> None:
+def config_text(cfg) -> str:
+    """The resolved config as mmengine writes a ``.py`` config, credentials redacted."""
     from mmengine.config import Config
 
+    return Config(redact(cfg.to_dict())).pretty_text
+
+
+def write_model_files(
+    directory: Path, model: torch.nn.Module, cfg, dataset_meta: dict[str, Any], text: str | None = None
+) -> None:
+    """``model.pth`` and ``config.py``; ``text`` is the config already formatted (formatting is slow)."""
     meta = {k: dataset_meta[k] for k in ("classes", "palette") if k in dataset_meta}
     state = {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()}
     torch.save({"state_dict": state, "meta": {"dataset_meta": plain(meta)}}, directory / MODEL_FILE)
-    Config(redact(cfg.to_dict())).dump(str(directory / CONFIG_FILE))
+    (directory / CONFIG_FILE).write_text(text if text is not None else config_text(cfg))
 
 
 class ExportOnCheckpoint(pytorch.PyTorchCallback):
@@ -67,9 +75,13 @@ class ExportOnCheckpoint(pytorch.PyTorchCallback):
 
     def __init__(self, trial) -> None:
         self.trial = trial
+        self.text: str | None = None  # the config does not change during training: format it once
 
     def on_checkpoint_write_end(self, checkpoint_dir: str) -> None:
-        write_model_files(Path(checkpoint_dir), self.trial.model, self.trial.cfg, self.trial.train_set.metainfo)
+        if self.text is None:
+            self.text = config_text(self.trial.cfg)
+        trial = self.trial
+        write_model_files(Path(checkpoint_dir), trial.model, trial.cfg, trial.train_set.metainfo, self.text)
 
 
 def is_complete(directory: Path) -> bool:
