@@ -42,6 +42,8 @@ format: setup
 
 bench: setup
 	$(BIN)/python bench/data_pipeline.py
+	$(BIN)/python bench/throughput.py
+	$(BIN)/python bench/scaling.py
 
 image:
 	docker build -f docker/Dockerfile -t $(IMAGE) .
