@@ -14,6 +14,7 @@ import yaml
 from det_mmdet.shapes import make_shapes
 
 ROOT = Path(__file__).resolve().parent.parent
+DET_MMDET = Path(sys.executable).parent / "det-mmdet"  # the console script of the environment under test
 
 
 @pytest.fixture(scope="session")
@@ -44,9 +45,8 @@ def shapes_hparams(shapes: Path, config: str = "configs/shapes_faster_rcnn.py", 
 
 def det_mmdet(*args: str, cwd: Path = ROOT, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
     """Run the installed console script the way a user does."""
-    exe = Path(sys.executable).parent / "det-mmdet"
     return subprocess.run(
-        [str(exe), *map(str, args)],
+        [str(DET_MMDET), *map(str, args)],
         cwd=cwd,
         capture_output=True,
         text=True,

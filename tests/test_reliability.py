@@ -11,16 +11,9 @@ from pathlib import Path
 
 import torch
 
-from conftest import ROOT, read_metrics, shapes_hparams, write_experiment
+from conftest import DET_MMDET, ROOT, det_mmdet, read_metrics, shapes_hparams, write_experiment
 from det_mmdet.checkpoint import is_complete, newest_checkpoint, steps_completed
 from object_stores import S3_ENV, Proxy, moto_server, upload_s3
-
-EXE = Path(os.environ.get("VIRTUAL_ENV", ROOT / ".venv")) / "bin" / "det-mmdet"
-
-
-def run(*args, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([str(EXE), *map(str, args)], cwd=ROOT, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, **(env or {})})  # fmt: skip
 
 
 def weights(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -30,11 +23,11 @@ def weights(run_dir: Path) -> dict[str, torch.Tensor]:
 def test_kill_9_then_resume_reaches_the_same_weights(tmp_path, shapes):
     exp = write_experiment(tmp_path, shapes_hparams(shapes))
     common = ["--max-batches", 16, "--checkpoint-period", 2, "--validation-period", 16]
-    full = run("train", exp, "--output-dir", tmp_path / "full", *common)
+    full = det_mmdet("train", exp, "--output-dir", tmp_path / "full", *common)
     assert full.returncode == 0, full.stderr[-3000:]
 
     killed = tmp_path / "killed"
-    process = subprocess.Popen([str(EXE), "train", str(exp), "--output-dir", str(killed), *map(str, common)],
+    process = subprocess.Popen([str(DET_MMDET), "train", str(exp), "--output-dir", str(killed), *map(str, common)],
                                cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     # Wait for a checkpoint past batch 4, then a random moment more (possibly mid-checkpoint): SIGKILL.
     deadline = time.time() + 300
@@ -50,7 +43,7 @@ def test_kill_9_then_resume_reaches_the_same_weights(tmp_path, shapes):
     survivors = [d for d in (killed / "checkpoints").iterdir() if d.is_dir() and not d.name.startswith(".partial-")]
     assert survivors and all(is_complete(d) for d in survivors)  # nothing half-written under a real name
 
-    resumed = run("train", exp, "--output-dir", killed, *common, "--resume")
+    resumed = det_mmdet("train", exp, "--output-dir", killed, *common, "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from batch" in resumed.stderr
     assert not list((killed / "checkpoints").glob(".partial-*"))
@@ -93,7 +86,7 @@ def test_faulty_store_every_image_read_once_and_retries_logged(tmp_path, shapes)
         exp = write_experiment(tmp_path, hparams, data={"file_client_args": {
             "backend": "s3", "bucket_name": "faulty", "backoff_s": 0.01}})  # fmt: skip
         with Proxy(s3, rule) as proxy:
-            r = run(
+            r = det_mmdet(
                 "train",
                 exp,
                 "--output-dir",

@@ -18,6 +18,7 @@ workers share it); images can be cached too (``cache_dir``), bounded by ``cache_
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import logging
 import os
@@ -44,10 +45,6 @@ MAX_ATTEMPTS = 6
 BACKOFF_S = 0.25
 MAX_BACKOFF_S = 20.0
 
-# Keys the object-store backends take in backend_args (anything else is an error at config time).
-OPTIONS = frozenset({"bucket_name", "endpoint_url", "region_name", "profile_name", "project"}) | frozenset(
-    {"cache_dir", "cache_max_gb", "annotation_cache_dir", "max_attempts", "backoff_s"}
-)
 # Keys that would put a credential into the config; they belong to the environment instead.
 CREDENTIAL_KEYS = frozenset(
     {"aws_access_key_id", "aws_secret_access_key", "aws_session_token", "credentials", "access_key", "secret_key"}
@@ -404,4 +401,6 @@ register_backend("disk", CheckedLocalBackend, force=True)
 register_backend("local", CheckedLocalBackend, force=True, prefixes="")
 
 REMOTE_PREFIXES = ("s3://", "gs://", "gcs://")
+# Keys the object-store backends take in backend_args: their constructor's (anything else is an error).
+OPTIONS = frozenset(inspect.signature(ObjectStoreBackend.__init__).parameters) - {"self"}
 REMOTE_BACKENDS = ("s3", "gcs")

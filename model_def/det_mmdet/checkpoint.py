@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from determined import pytorch
 
-from det_mmdet.config import redact
+from det_mmdet.config import pretty_text
 
 logger = logging.getLogger("det_mmdet")
 
@@ -53,13 +53,6 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
 
 
-def config_text(cfg) -> str:
-    """The resolved config as mmengine writes a ``.py`` config, credentials redacted."""
-    from mmengine.config import Config
-
-    return Config(redact(cfg.to_dict())).pretty_text
-
-
 def write_model_files(
     directory: Path, model: torch.nn.Module, cfg, dataset_meta: dict[str, Any], text: str | None = None
 ) -> None:
@@ -67,7 +60,7 @@ def write_model_files(
     meta = {k: dataset_meta[k] for k in ("classes", "palette") if k in dataset_meta}
     state = {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()}
     torch.save({"state_dict": state, "meta": {"dataset_meta": plain(meta)}}, directory / MODEL_FILE)
-    (directory / CONFIG_FILE).write_text(text if text is not None else config_text(cfg))
+    (directory / CONFIG_FILE).write_text(text if text is not None else pretty_text(cfg))
 
 
 class ExportOnCheckpoint(pytorch.PyTorchCallback):
@@ -79,7 +72,7 @@ class ExportOnCheckpoint(pytorch.PyTorchCallback):
 
     def on_checkpoint_write_end(self, checkpoint_dir: str) -> None:
         if self.text is None:
-            self.text = config_text(self.trial.cfg)
+            self.text = pretty_text(self.trial.cfg)
         trial = self.trial
         write_model_files(Path(checkpoint_dir), trial.model, trial.cfg, trial.train_set.metainfo, self.text)
 

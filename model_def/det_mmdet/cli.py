@@ -180,7 +180,7 @@ def train_local(
     from determined import core
 
     from det_mmdet import checkpoint, local, runner
-    from det_mmdet.config import redact
+    from det_mmdet.config import pretty_text
     from det_mmdet.trial import MMDetTrial
 
     plan = runner.schedule(
@@ -205,9 +205,7 @@ def train_local(
 
     output_dir.mkdir(parents=True, exist_ok=True)
     if is_chief():
-        from mmengine.config import Config
-
-        Config(redact(cfg.to_dict())).dump(str(output_dir / "config.py"))
+        (output_dir / "config.py").write_text(pretty_text(cfg))
         logger.info("training %s -> %s", exp.name, output_dir)
     accumulate = runner.aggregation_frequency(cfg)
     from det_mmdet.knobs import with_global_batch_size

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from det_mmdet import backends  # registers s3/gcs for URIs given as inputs
 from det_mmdet.checkpoint import CONFIG_FILE, MODEL_FILE, allow_numpy_rng_state, newest_checkpoint, plain
 from det_mmdet.errors import UserError
 
@@ -91,10 +92,8 @@ def collect_inputs(inputs: Iterable[str], scratch: Path) -> list[tuple[str, Path
     """(name as given, local file) for every image: files, folders (recursively), s3:// and gs:// URIs."""
     found: list[tuple[str, Path]] = []
     for item in inputs:
-        if item.startswith(("s3://", "gs://", "gcs://")):
+        if item.startswith(backends.REMOTE_PREFIXES):
             from mmengine.fileio import get
-
-            from det_mmdet import backends  # noqa: F401  (registers s3/gcs)
 
             local = scratch / item.split("://", 1)[1]
             local.parent.mkdir(parents=True, exist_ok=True)

@@ -86,10 +86,10 @@ def pretrained_url(config_path: Path) -> str:
 
 def local_copy(source: str) -> Path:
     """A local file for ``source``: itself, or a verified download in the cache."""
-    if source.startswith(("s3://", "gs://", "gcs://")):
-        from mmengine.fileio import get_file_backend
+    from det_mmdet import backends  # registers s3/gcs
 
-        from det_mmdet import backends  # noqa: F401  (registers s3/gcs)
+    if source.startswith(backends.REMOTE_PREFIXES):
+        from mmengine.fileio import get_file_backend
 
         return get_file_backend(source).fetch_to_cache(source)
     if source.startswith(("http://", "https://")):
