@@ -7,7 +7,7 @@ STAMP := $(VENV)/.setup-done
 export MMCV_WITH_OPS := 1
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup demo test lint format clean bench image
+.PHONY: setup demo test lint format clean bench bench-gpu image
 
 # The cluster image (docker/Dockerfile); experiments/*.yaml name this tag. Push it where your cluster pulls.
 IMAGE ?= ghcr.io/your-org/det-mmdet:0.1.0
@@ -44,6 +44,10 @@ bench: setup
 	$(BIN)/python bench/data_pipeline.py
 	$(BIN)/python bench/throughput.py
 	$(BIN)/python bench/scaling.py
+
+# The Runner-vs-det-mmdet comparison on one NVIDIA GPU (refuses to run without one).
+bench-gpu: setup
+	bash bench/gpu.sh
 
 image:
 	docker build -f docker/Dockerfile -t $(IMAGE) .

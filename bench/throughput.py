@@ -1,7 +1,17 @@
 """Training throughput: mmengine's own ``Runner`` vs ``det-mmdet train``, same config, data and seed.
 
-Both train ``model_def/configs/shapes_faster_rcnn.py`` (tiny Faster R-CNN, 128 px) on one drawn-shapes
-set (``make_shapes``), batch 4, the config's ``num_workers``, seed 0, each as a whole separate process:
+Both train one config on one drawn-shapes set (``make_shapes``), batch 4 (``--batch``), the config's
+``num_workers``, seed 0, each as a whole separate process. ``--model`` picks the config:
+
+- ``tiny`` (default): ``model_def/configs/shapes_faster_rcnn.py``, ResNet-18 with 16 base channels,
+  FPN 32, 128 px;
+- ``r50-320``: ``bench/configs/faster_rcnn_r50_fpn_320.py``, the model of mmdet's
+  ``faster-rcnn_r50_fpn_1x_coco.py`` (backbone from random weights) at 320 px.
+
+Both start from the same weights: one random initialisation made here and given as ``load_from``
+(see ``initial_weights``).
+
+The trainers:
 
 - mmengine Runner: ``Runner.from_cfg(cfg).train()`` as mmdet's ``tools/train.py`` does it, with
   ``IterBasedTrainLoop(max_iters=N, val_interval=N)``, the config's default hooks (log interval 10,
@@ -46,8 +56,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-CONFIG = ROOT / "model_def" / "configs" / "shapes_faster_rcnn.py"
-BATCH = 4
+MODELS = {  # --model: (config, what the report calls it)
+    "tiny": (ROOT / "model_def" / "configs" / "shapes_faster_rcnn.py", "tiny Faster R-CNN, 128 px"),
+    "r50-320": (ROOT / "bench" / "configs" / "faster_rcnn_r50_fpn_320.py", "Faster R-CNN R50-FPN, 320 px"),
+}
 SYSTEMS = {"runner": "mmengine Runner", "ours": "det-mmdet"}
 
 
@@ -114,11 +126,11 @@ def worker_runner(args: argparse.Namespace, timers: Timers) -> None:
     from mmengine.runner import Runner, loops
 
     data_root = str(args.data) + "/"
-    cfg = Config.fromfile(str(CONFIG))
+    cfg = Config.fromfile(str(MODELS[args.model][0]))
     for key in ("train_dataloader", "val_dataloader", "test_dataloader"):
         cfg[key].dataset.data_root = data_root
         cfg[key].num_workers = args.workers
-    cfg.train_dataloader.batch_size = BATCH
+    cfg.train_dataloader.batch_size = args.batch
     cfg.val_evaluator.ann_file = data_root + "annotations/val.json"
     cfg.test_evaluator.ann_file = data_root + "annotations/val.json"
     cfg.train_cfg = dict(type="IterBasedTrainLoop", max_iters=args.batches, val_interval=args.batches)
@@ -128,6 +140,7 @@ def worker_runner(args: argparse.Namespace, timers: Timers) -> None:
     cfg.randomness = dict(seed=0)
     cfg.launcher = "none"
     cfg.work_dir = str(args.out)
+    cfg.load_from = str(args.init)
 
     next_ = loops._InfiniteDataloaderIterator.__next__
 
@@ -210,6 +223,26 @@ def run_worker(args: argparse.Namespace) -> None:
 # ---- the parent: alternate whole processes, collect wall, CPU and peak RSS ---------------------------
 
 
+def initial_weights(config: Path, path: Path) -> Path:
+    """One random initialisation that both trainers load (their RNG streams differ, so their own would too).
+
+    A step's cost depends on the weights: mmdet's RoI extractor calls RoIAlign once per FPN level that
+    proposals land on, and random weights decide the levels. From their own initialisations the runner's
+    R50 steps used 2 levels and ours 3 (cProfile), which made ours 7 % slower for reasons not the trainer's.
+    """
+    import torch
+    from mmdet.registry import MODELS
+    from mmdet.utils import register_all_modules
+    from mmengine.config import Config
+
+    register_all_modules()
+    torch.manual_seed(0)
+    model = MODELS.build(Config.fromfile(str(config)).model)
+    model.init_weights()
+    torch.save({"state_dict": model.state_dict()}, path)
+    return path
+
+
 def busy_cpu_s() -> float:
     """CPU seconds the whole machine has been busy (all cores, every process)."""
     import psutil
@@ -228,12 +261,15 @@ def wait_quiet(limit: float, max_wait: float, window: float = 3.0) -> float:
             return time.perf_counter() - start
 
 
-def measure(system: str, batches: int, workers: int, work: Path, data: Path, experiment: Path, tag: str) -> dict:
+def measure(
+    system: str, batches: int, workers: int, work: Path, data: Path, experiment: Path, tag: str, model: str, batch: int
+) -> dict:
     out = work / f"{system}-{tag}"
     result = work / f"{system}-{tag}.json"
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", system, "--batches", str(batches)]
     cmd += ["--workers", str(workers), "--data", str(data), "--experiment", str(experiment)]
-    cmd += ["--out", str(out), "--result", str(result)]
+    cmd += ["--init", str(work / "init.pth")]
+    cmd += ["--out", str(out), "--result", str(result), "--model", model, "--batch", str(batch)]
     with open(work / f"{system}-{tag}.log", "w") as log:
         launched = time.time()
         busy = busy_cpu_s()
@@ -299,7 +335,7 @@ def med_per_batch(runs: list[dict], system: str, n: int, key: str) -> float:
     return statistics.median(r[key] / n for r in runs if r["system"] == system and r["batches"] == n)
 
 
-def report(runs: list[dict], workers: int, short: int, long: int, noisy: float) -> str:
+def report(runs: list[dict], workers: int, short: int, long: int, noisy: float, batch: int) -> str:
     mine = [r for r in runs if r["workers"] == workers]
     stats = {s: summarize(mine, s, short, long) for s in SYSTEMS}
     lines = [
@@ -315,7 +351,7 @@ def report(runs: list[dict], workers: int, short: int, long: int, noisy: float) 
         share = s["data_per_batch"] / s["per_batch"]
         lines.append(
             f"| {name} | {s['wall_short']:.2f} | {s['wall_long']:.2f} | {s['per_batch']:.4f} | "
-            f"{BATCH / s['per_batch']:.1f} | {s['cpu_long']:.1f} | {s['cpu_per_batch']:.4f} | {s['rss_mb']:.0f} | "
+            f"{batch / s['per_batch']:.1f} | {s['cpu_long']:.1f} | {s['cpu_per_batch']:.4f} | {s['rss_mb']:.0f} | "
             f"{1000 * s['data_per_batch']:.1f} ({share:.0%}) | {s['val_s']:.2f} | {s['ckpt_s']:.2f} | "
             f"{s['startup']:.2f} |"
         )
@@ -373,6 +409,8 @@ def main() -> None:
     parser.add_argument("--short", type=int, default=20, help="batches of the short run")
     parser.add_argument("--long", type=int, default=100, help="batches of the long run")
     parser.add_argument("--num-workers", type=int, nargs="+", default=[0], help="loader workers (each a table)")
+    parser.add_argument("--model", choices=MODELS, default="tiny", help="the config both train (see above)")
+    parser.add_argument("--batch", type=int, default=4, help="images per batch")
     parser.add_argument("--train-images", type=int, default=400)
     parser.add_argument("--val-images", type=int, default=50)
     parser.add_argument(
@@ -392,6 +430,7 @@ def main() -> None:
     parser.add_argument("--experiment", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
+    parser.add_argument("--init", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         run_worker(args)
@@ -414,8 +453,9 @@ def main() -> None:
             {
                 "name": "throughput",
                 "hyperparameters": {
-                    "global_batch_size": BATCH,
-                    "config_file": "configs/shapes_faster_rcnn.py",
+                    "global_batch_size": args.batch,
+                    "config_file": str(MODELS[args.model][0]),
+                    "load_from": str(initial_weights(MODELS[args.model][0], work / "init.pth")),
                     "override_mmdet_config": {"data_root": str(data) + "/"},
                 },
                 "searcher": {"name": "single", "metric": "bbox_mAP", "smaller_is_better": False},
@@ -432,7 +472,7 @@ def main() -> None:
                     for attempt in range(1 + args.retries):
                         waited = wait_quiet(args.quiet, args.max_wait)
                         tag = f"w{workers}-n{n}-r{rep}-a{attempt}"
-                        run = measure(system, n, workers, work, data, experiment, tag)
+                        run = measure(system, n, workers, work, data, experiment, tag, args.model, args.batch)
                         run.update(waited=waited, attempts=attempt + 1)
                         if run["others"] <= args.noisy:
                             break
@@ -445,12 +485,14 @@ def main() -> None:
                         file=sys.stderr,
                     )
     elapsed = time.time() - started
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
 
     print(
         f"\n`bench/throughput.py --repeats {args.repeats} --short {args.short} --long {args.long}` "
-        f"({datetime.date.today().isoformat()}): tiny Faster R-CNN (`shapes_faster_rcnn.py`), batch {BATCH}, "
-        f"{args.train_images} training / {args.val_images} validation images of 128 px, seed 0; "
-        f"{os.cpu_count()} CPU cores, no GPU, Python {platform.python_version()}, torch {torch.__version__}; "
+        f"--model {args.model} --batch {args.batch} ({datetime.date.today().isoformat()}): {MODELS[args.model][1]} "
+        f"(`{MODELS[args.model][0].relative_to(ROOT)}`), {args.train_images} training / {args.val_images} "
+        f"validation drawn-shapes images, seed 0; {os.cpu_count()} CPU cores, {gpu}, "
+        f"Python {platform.python_version()}, torch {torch.__version__}; "
         f"load average {load_before[0]:.2f} before, {os.getloadavg()[0]:.2f} after; {elapsed / 60:.1f} min.\n"
     )
     print(
@@ -461,7 +503,7 @@ def main() -> None:
         "batch asked for.\n"
     )
     for workers in args.num_workers:
-        print(report(runs, workers, args.short, args.long, args.noisy))
+        print(report(runs, workers, args.short, args.long, args.noisy, args.batch))
     if args.keep:
         print(f"(kept {work})", file=sys.stderr)
     else:

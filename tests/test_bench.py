@@ -1,0 +1,52 @@
+"""The benches keep working and measure what their tables say they measure (no timing is asserted)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from mmengine.config import Config
+
+from conftest import ROOT
+
+
+def test_r50_bench_config_is_mmdets_coco_model_at_320_px():
+    """The "R50-FPN at 320 px" row trains mmdet's own COCO 1x model, not a variant of the tiny one."""
+    import mmdet
+
+    coco = Config.fromfile(os.path.join(mmdet.__path__[0], ".mim/configs/faster_rcnn/faster-rcnn_r50_fpn_1x_coco.py"))
+    ours = Config.fromfile(str(ROOT / "bench/configs/faster_rcnn_r50_fpn_320.py"))
+    expected, got = coco.model.to_dict(), ours.model.to_dict()
+    # the only differences: random backbone weights (nothing downloads) and the data set's 3 classes
+    expected["backbone"]["init_cfg"] = None
+    expected["roi_head"]["bbox_head"]["num_classes"] = 3
+    got["backbone"].pop("base_channels")
+    assert got == expected
+    for loader in (ours.train_dataloader, ours.val_dataloader):
+        resize = [t for t in loader.dataset.pipeline if t["type"] == "Resize"]
+        assert [t["scale"] for t in resize] == [(320, 320)]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
+def test_gpu_bench_refuses_without_a_gpu(tmp_path):
+    out = tmp_path / "gpu_results.md"
+    env = {**os.environ, "PYTHON": sys.executable, "OUT": str(out)}
+    proc = subprocess.run(["bash", "bench/gpu.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert proc.stderr.strip().splitlines()[-1] == "bench/gpu.sh: torch sees no CUDA GPU here; nothing measured"
+    assert not out.exists()
+
+
+def test_throughput_bench_runs_both_trainers(tmp_path):
+    """A miniature run of bench/throughput.py: both trainers train, validate and are reported."""
+    cmd = [sys.executable, "bench/throughput.py", "--repeats", "1", "--short", "1", "--long", "2"]
+    cmd += ["--train-images", "8", "--val-images", "4", "--quiet", "99", "--noisy", "99"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith(("| mmengine Runner |", "| det-mmdet |"))]
+    assert len(rows) == 2 + 2 + 4  # summary, loop breakdown, every run (2 trainers x 2 lengths)
+    assert "per-batch speed ratio (runner per-batch / ours per-batch)" in proc.stdout
+    assert "--model tiny --batch 4" in proc.stdout
