@@ -234,8 +234,10 @@ def initial_weights(config: Path, path: Path) -> Path:
     from mmdet.registry import MODELS
     from mmdet.utils import register_all_modules
     from mmengine.config import Config
+    from mmengine.logging import MMLogger
 
     register_all_modules()
+    MMLogger.get_instance("bench-init", log_level="WARNING")  # now 'current': no per-tensor init report on stdout
     torch.manual_seed(0)
     model = MODELS.build(Config.fromfile(str(config)).model)
     model.init_weights()
@@ -488,8 +490,8 @@ def main() -> None:
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
 
     print(
-        f"\n`bench/throughput.py --repeats {args.repeats} --short {args.short} --long {args.long}` "
-        f"--model {args.model} --batch {args.batch} ({datetime.date.today().isoformat()}): {MODELS[args.model][1]} "
+        f"\n`bench/throughput.py {' '.join(sys.argv[1:])}` ({datetime.date.today().isoformat()}): "
+        f"{MODELS[args.model][1]}, batch {args.batch} "
         f"(`{MODELS[args.model][0].relative_to(ROOT)}`), {args.train_images} training / {args.val_images} "
         f"validation drawn-shapes images, seed 0; {os.cpu_count()} CPU cores, {gpu}, "
         f"Python {platform.python_version()}, torch {torch.__version__}; "
