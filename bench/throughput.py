@@ -263,15 +263,12 @@ def wait_quiet(limit: float, max_wait: float, window: float = 3.0) -> float:
             return time.perf_counter() - start
 
 
-def measure(
-    system: str, batches: int, workers: int, work: Path, data: Path, experiment: Path, tag: str, model: str, batch: int
-) -> dict:
+def measure(system: str, batches: int, workers: int, work: Path, tag: str, common: list[str]) -> dict:
+    """One whole worker process; ``common``: the worker arguments every run shares (data, weights, model)."""
     out = work / f"{system}-{tag}"
     result = work / f"{system}-{tag}.json"
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", system, "--batches", str(batches)]
-    cmd += ["--workers", str(workers), "--data", str(data), "--experiment", str(experiment)]
-    cmd += ["--init", str(work / "init.pth")]
-    cmd += ["--out", str(out), "--result", str(result), "--model", model, "--batch", str(batch)]
+    cmd += ["--workers", str(workers), "--out", str(out), "--result", str(result), *common]
     with open(work / f"{system}-{tag}.log", "w") as log:
         launched = time.time()
         busy = busy_cpu_s()
@@ -450,6 +447,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bench-throughput-"))
     data = make_shapes(work / "shapes", train=args.train_images, val=args.val_images, seed=0)
     experiment = work / "exp.yaml"
+    init = initial_weights(MODELS[args.model][0], work / "init.pth")
     experiment.write_text(
         yaml.safe_dump(
             {
@@ -457,13 +455,15 @@ def main() -> None:
                 "hyperparameters": {
                     "global_batch_size": args.batch,
                     "config_file": str(MODELS[args.model][0]),
-                    "load_from": str(initial_weights(MODELS[args.model][0], work / "init.pth")),
+                    "load_from": str(init),
                     "override_mmdet_config": {"data_root": str(data) + "/"},
                 },
                 "searcher": {"name": "single", "metric": "bbox_mAP", "smaller_is_better": False},
             }
         )
     )
+    common = ["--data", str(data), "--experiment", str(experiment), "--init", str(init)]
+    common += ["--model", args.model, "--batch", str(args.batch)]
     load_before = os.getloadavg()
     started = time.time()
     runs: list[dict] = []
@@ -474,7 +474,7 @@ def main() -> None:
                     for attempt in range(1 + args.retries):
                         waited = wait_quiet(args.quiet, args.max_wait)
                         tag = f"w{workers}-n{n}-r{rep}-a{attempt}"
-                        run = measure(system, n, workers, work, data, experiment, tag, args.model, args.batch)
+                        run = measure(system, n, workers, work, tag, common)
                         run.update(waited=waited, attempts=attempt + 1)
                         if run["others"] <= args.noisy:
                             break
