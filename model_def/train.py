@@ -49,7 +49,7 @@ def train_on_cluster(info: det.ClusterInfo, args: argparse.Namespace) -> None:
     slots = int((exp_conf.get("resources") or {}).get("slots_per_trial") or 1)
     hparams = with_global_batch_size(info.trial.hparams, slots)
     with pytorch.init(hparams=hparams, exp_conf=exp_conf, aggregation_frequency=accumulate) as context:
-        trial = MMDetTrial(context, cfg)
+        trial = MMDetTrial(context, cfg, plan)
         fit(trial, context, plan, latest_checkpoint=info.latest_checkpoint)
 
 

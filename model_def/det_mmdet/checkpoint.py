@@ -53,28 +53,57 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
 
 
-def write_model_files(
-    directory: Path, model: torch.nn.Module, cfg, dataset_meta: dict[str, Any], text: str | None = None
+def write_checkpoint_files(
+    directory: Path, checkpoint: dict[str, Any], cfg, dataset_meta: dict[str, Any], text: str | None = None
 ) -> None:
-    """``model.pth`` and ``config.py``; ``text`` is the config already formatted (formatting is slow)."""
+    """``model.pth`` from an mmengine-format checkpoint (as the hooks left it) and ``config.py``.
+
+    With EMAHook that is mmengine's layout: the averaged weights as ``state_dict`` (what mmdet
+    evaluates and publishes), the trained ones kept in ``ema_state_dict``.
+    """
     meta = {k: dataset_meta[k] for k in ("classes", "palette") if k in dataset_meta}
-    state = {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()}
-    torch.save({"state_dict": state, "meta": {"dataset_meta": plain(meta)}}, directory / MODEL_FILE)
+    saved = {k: _cpu(v) for k, v in checkpoint.items() if k != "meta"}
+    saved["meta"] = plain(
+        {**{k: v for k, v in checkpoint["meta"].items() if k != "dataset_meta"}, "dataset_meta": meta}
+    )
+    torch.save(saved, directory / MODEL_FILE)
     (directory / CONFIG_FILE).write_text(text if text is not None else pretty_text(cfg))
 
 
-class ExportOnCheckpoint(pytorch.PyTorchCallback):
-    """Adds ``model.pth`` and ``config.py`` to each checkpoint as Determined writes it (chief only)."""
+def weights_kind(saved: dict[str, Any]) -> str:
+    """Which weights a ``model.pth`` holds as its ``state_dict``, in words."""
+    if "ema_state_dict" in saved:
+        steps = saved["ema_state_dict"].get("steps")
+        return (
+            f"EMA weights (EMAHook, {int(steps) if steps is not None else '?'} updates); trained ones in ema_state_dict"
+        )
+    return "the trained weights"
 
-    def __init__(self, trial) -> None:
-        self.trial = trial
+
+def _cpu(value: Any) -> Any:
+    if torch.is_tensor(value):
+        return value.detach().cpu()
+    if isinstance(value, dict):
+        return {k: _cpu(v) for k, v in value.items()}
+    return value
+
+
+class ExportOnCheckpoint(pytorch.PyTorchCallback):
+    """Adds ``model.pth`` and ``config.py`` to each checkpoint as Determined writes it (chief only).
+
+    The weights are the checkpoint the hooks made for this save (``hooks.HooksCallback``), so an
+    EMA run publishes its averaged weights, as mmengine's checkpoints do.
+    """
+
+    def __init__(self, trial, hook_state) -> None:
+        self.trial, self.hook_state = trial, hook_state
         self.text: str | None = None  # the config does not change during training: format it once
 
     def on_checkpoint_write_end(self, checkpoint_dir: str) -> None:
         if self.text is None:
             self.text = pretty_text(self.trial.cfg)
-        trial = self.trial
-        write_model_files(Path(checkpoint_dir), trial.model, trial.cfg, trial.train_set.metainfo, self.text)
+        saved = self.hook_state.take_checkpoint()
+        write_checkpoint_files(Path(checkpoint_dir), saved, self.trial.cfg, self.trial.train_set.metainfo, self.text)
 
 
 def is_complete(directory: Path) -> bool:

@@ -216,7 +216,7 @@ def train_local(
     with local.local_context(
         hparams, exp.config, output_dir, distributed, accumulate, keep_checkpoints=keep
     ) as context:
-        trial = MMDetTrial(context, cfg)
+        trial = MMDetTrial(context, cfg, plan)
         runner.fit(trial, context, plan, latest, checkpoint_policy="all", resume_at_batch=resume_at)
     return 0
 

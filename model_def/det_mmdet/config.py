@@ -526,8 +526,25 @@ def build_config(exp: Experiment, sets: Mapping[str, Any] | None = None):
     from det_mmdet import weights
 
     tree["load_from"] = weights.resolve_source(hp, cfg_path, tree.get("load_from"))
-
+    import_custom_modules(tree.get("custom_imports"))
     return Config(tree, filename=str(cfg_path))
+
+
+def import_custom_modules(spec: Any) -> None:
+    """``custom_imports`` (hooks, transforms, models of the user's own), also when set by an override.
+
+    mmengine imports them when it reads a config file; one set afterwards would otherwise be ignored.
+    """
+    if not spec:
+        return
+    from mmengine.utils import import_modules_from_strings
+
+    if not isinstance(spec, Mapping) or not isinstance(spec.get("imports"), (str, list, tuple)):
+        raise UserError(f"custom_imports must be dict(imports=[module, ...]), got {spec!r}")
+    try:
+        import_modules_from_strings(spec["imports"], bool(spec.get("allow_failed_imports", False)))
+    except ImportError as e:
+        raise UserError(f"custom_imports: cannot import {e.name or spec['imports']}: {e}") from None
 
 
 def pretty_text(cfg) -> str:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -107,15 +107,22 @@ class AnnotationAudit:
 
 
 class NamedErrors(torch.utils.data.Dataset):
-    """What the loaders see: any failure to load a sample names the sample's image, in one line."""
+    """What the loaders see: any failure to load a sample names the sample's image, in one line.
 
-    def __init__(self, dataset, what: str) -> None:
-        self.dataset, self.what = dataset, what
+    With ``at_epoch`` the indices come as ``(epoch, index)`` (``EpochTaggedBatches``) and ``at_epoch``
+    is told each sample's epoch before the sample is made (``hooks.LoaderHooks``: pipeline switches).
+    """
+
+    def __init__(self, dataset, what: str, at_epoch: Callable[[int], None] | None = None) -> None:
+        self.dataset, self.what, self.at_epoch = dataset, what, at_epoch
 
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, index: int):
+    def __getitem__(self, index: int | tuple[int, int]):
+        if isinstance(index, tuple):
+            epoch, index = index
+            self.at_epoch(epoch)
         try:
             return self.dataset[index]
         except UserError:
@@ -150,6 +157,25 @@ class EpochShuffleSampler(torch.utils.data.Sampler):
 
     def __len__(self) -> int:
         return self.size
+
+
+class EpochTaggedBatches(torch.utils.data.Sampler):
+    """``batches`` with each index as ``(epoch, index)``: a pass over them is one epoch.
+
+    Determined repeats the training batches without end and its workers work ahead, so the epoch a
+    sample belongs to has to travel with the sample to wherever the sample is made.
+    """
+
+    def __init__(self, batches: torch.utils.data.Sampler) -> None:
+        self.batches, self.passes = batches, 0
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        epoch, self.passes = self.passes, self.passes + 1
+        for batch in self.batches:
+            yield [(epoch, i) for i in batch]
+
+    def __len__(self) -> int:
+        return len(self.batches)
 
 
 class AspectRatioBatchSampler(torch.utils.data.BatchSampler):
@@ -194,15 +220,27 @@ def seed_worker(worker_id: int) -> None:
     random.seed(seed)
 
 
-def train_loader(dataset, loader_cfg: dict[str, Any], batch_size: int, seed: int) -> pytorch.DataLoader:
+# mmengine's samplers that this module's EpochShuffleSampler stands for (shuffled or in order).
+SAMPLERS = ("DefaultSampler", "InfiniteSampler")
+
+
+def train_loader(
+    dataset, loader_cfg: dict[str, Any], batch_size: int, seed: int, at_epoch: Callable[[int], None] | None = None
+) -> pytorch.DataLoader:
     """Training batches: epoch-seeded order, aspect-ratio groups when the config asks for them."""
-    sampler = EpochShuffleSampler(len(dataset), seed, shuffle=True)
+    sampler_cfg = loader_cfg.get("sampler") or {}
+    kind = str(sampler_cfg.get("type", "DefaultSampler")).split(".")[-1]
+    if kind not in SAMPLERS:
+        raise UserError(f"train_dataloader.sampler.type {kind!r} is not supported (choose {' or '.join(SAMPLERS)})")
+    sampler = EpochShuffleSampler(len(dataset), seed, shuffle=bool(sampler_cfg.get("shuffle", True)))
     batch_sampler_cfg = loader_cfg.get("batch_sampler") or {}
     if batch_sampler_cfg.get("type") == "AspectRatioBatchSampler":
         batches = AspectRatioBatchSampler(sampler, batch_size, aspect_flags(dataset))
     else:
         batches = torch.utils.data.BatchSampler(sampler, batch_size, drop_last=False)
-    return _loader(NamedErrors(dataset, "train_dataloader"), loader_cfg, batch_sampler=batches, seed=seed)
+    if at_epoch is not None:
+        batches = EpochTaggedBatches(batches)
+    return _loader(NamedErrors(dataset, "train_dataloader", at_epoch), loader_cfg, batch_sampler=batches, seed=seed)
 
 
 def val_loader(dataset, loader_cfg: dict[str, Any], batch_size: int) -> pytorch.DataLoader:

@@ -19,7 +19,14 @@ from typing import Any
 import torch
 
 from det_mmdet import backends  # registers s3/gcs for URIs given as inputs
-from det_mmdet.checkpoint import CONFIG_FILE, MODEL_FILE, allow_numpy_rng_state, newest_checkpoint, plain
+from det_mmdet.checkpoint import (
+    CONFIG_FILE,
+    MODEL_FILE,
+    allow_numpy_rng_state,
+    newest_checkpoint,
+    plain,
+    weights_kind,
+)
 from det_mmdet.errors import UserError
 
 logger = logging.getLogger("det_mmdet")
@@ -52,23 +59,28 @@ def test_mode_config(cfg) -> None:
 
 
 def export(source: Path, out: Path) -> Path:
-    from mmengine.config import Config
+    from det_mmdet.config import load_config_file
 
     ckpt = find_checkpoint(source)
-    cfg = Config.fromfile(str(ckpt / CONFIG_FILE))
+    cfg = load_config_file(ckpt / CONFIG_FILE, "checkpoint config")
     test_mode_config(cfg)
     if (ckpt / MODEL_FILE).is_file():
         saved = torch.load(ckpt / MODEL_FILE, map_location="cpu", weights_only=True)
     else:  # Determined's own state: the first (only) model's state dict; classes from the config
         allow_numpy_rng_state()
-        state = torch.load(ckpt / "state_dict.pth", map_location="cpu", weights_only=True)["models_state_dict"][0]
+        determined = torch.load(ckpt / "state_dict.pth", map_location="cpu", weights_only=True)
+        state = determined["models_state_dict"][0]
         classes = ((cfg.get("train_dataloader") or {}).get("dataset") or {}).get("metainfo", {}).get("classes")
         saved = {"state_dict": state, "meta": {"dataset_meta": plain({"classes": classes} if classes else {})}}
+        hooks = (determined.get("callbacks") or {}).get("mmdet_hooks")
+        if hooks:  # what the hooks put in the checkpoint: EMA weights replace the trained ones, as in model.pth
+            saved["state_dict"] = {**state, **hooks["replaced"]}
+            saved.update(hooks["added"])
     out.mkdir(parents=True, exist_ok=True)
     torch.save(saved, out / MODEL_FILE)
     cfg.dump(str(out / CONFIG_FILE))
     classes = saved.get("meta", {}).get("dataset_meta", {}).get("classes") or []
-    logger.info("exported %s -> %s (%d classes)", ckpt, out, len(classes))
+    logger.info("exported %s -> %s (%d classes; %s)", ckpt, out, len(classes), weights_kind(saved))
     return out
 
 

@@ -8,8 +8,10 @@ validation follows ``train_cfg.val_interval`` in the loop's own unit.
 
 from __future__ import annotations
 
+import bisect
 import logging
 import sys
+from collections import abc
 from dataclasses import dataclass
 from typing import Any
 
@@ -68,13 +70,46 @@ def schedule(
 
     if validation_period is not None:
         val: pytorch.TrainUnit | None = pytorch.Batch(validation_period)
-    elif train_cfg.get("val_interval"):
-        val = (pytorch.Epoch if epoch_based else pytorch.Batch)(int(train_cfg["val_interval"]))
+    elif train_cfg.get("val_interval") or train_cfg.get("dynamic_intervals"):
+        unit = pytorch.Epoch if epoch_based else pytorch.Batch
+        interval = int(train_cfg.get("val_interval") or 1)
+        begin = int(train_cfg.get("val_begin") or 1)
+        dynamic = train_cfg.get("dynamic_intervals") or []
+        val = unit(ValidationPoints(interval, begin, dynamic) if dynamic or begin > 1 else interval)
     else:
         val = None
     ckpt = pytorch.Batch(checkpoint_period) if checkpoint_period else None
     report = pytorch.Batch(reporting_period or 10)
     return Schedule(length, val, ckpt, report)
+
+
+class ValidationPoints(abc.Container):
+    """The epoch (or batch) counts after which mmengine's train loops validate.
+
+    ``train_cfg.val_begin`` and ``dynamic_intervals`` (``[(from_epoch, interval), ...]``, RTMDet and
+    YOLOX validate every epoch near the end) as the loops apply them; Determined takes a container
+    as a validation schedule and always validates at the end of training.
+    """
+
+    def __init__(self, interval: int, begin: int = 1, dynamic: list | tuple = ()) -> None:
+        pairs = sorted((int(at), int(every)) for at, every in dynamic)
+        for at, every in pairs:
+            if every < 1:
+                raise UserError(f"train_cfg.dynamic_intervals: interval {every} (from {at}) must be at least 1")
+        if interval < 1:
+            raise UserError(f"train_cfg.val_interval must be at least 1, got {interval}")
+        self.begin = begin
+        self.milestones = [0] + [at for at, _ in pairs]
+        self.intervals = [interval] + [every for _, every in pairs]
+
+    def __contains__(self, count: object) -> bool:
+        if not isinstance(count, int) or count < self.begin:
+            return False
+        interval = self.intervals[bisect.bisect(self.milestones, count + 1) - 1]
+        return count % interval == 0
+
+    def __repr__(self) -> str:
+        return f"ValidationPoints(begin={self.begin}, milestones={self.milestones}, intervals={self.intervals})"
 
 
 def aggregation_frequency(cfg) -> int:

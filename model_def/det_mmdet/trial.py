@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from determined import pytorch
 
-from det_mmdet import checkpoint, data, weights
+from det_mmdet import checkpoint, data, hooks, weights
 from det_mmdet.errors import UserError
 from det_mmdet.evaluation import EvaluatorReducer
 
@@ -84,12 +84,44 @@ def find_unused_parameters_in_ddp(context: pytorch.PyTorchTrialContext) -> None:
     context._PyTorchDistributedDataParallel = FindUnusedDDP
 
 
+def check_supported(cfg) -> None:
+    """Configs that need Runner machinery the trial does not have stop here, in one line."""
+    model_type = (cfg.get("model") or {}).get("type")
+    if model_type in ("SoftTeacher", "SemiBaseDetector"):
+        raise UserError(
+            f"model.type {model_type!r}: semi-supervised training (teacher/student, MeanTeacherHook) "
+            "is not supported by det-mmdet"
+        )
+    val_loop = (cfg.get("val_cfg") or {}).get("type", "ValLoop")
+    if val_loop not in ("ValLoop", "mmengine.ValLoop"):
+        raise UserError(f"val_cfg.type {val_loop!r} is not supported by det-mmdet (it validates with ValLoop)")
+
+
+def revert_sync_batchnorm(model: torch.nn.Module, slots: int, device: torch.device) -> torch.nn.Module:
+    """SyncBN as mmengine's Runner treats it: plain BN for one process, kept across several on GPUs."""
+    from mmengine.model import revert_sync_batchnorm as revert
+
+    has_sync = any(isinstance(m, torch.nn.SyncBatchNorm) for m in model.modules())
+    if not has_sync:
+        return model
+    if slots == 1:
+        return revert(model)
+    if device.type == "cpu":
+        logger.warning(
+            "SyncBatchNorm runs on GPUs only: on CPU each of the %d processes normalises with its own batch "
+            "statistics (BatchNorm)", slots,
+        )  # fmt: skip
+        return revert(model)
+    return model
+
+
 class MMDetTrial(pytorch.PyTorchTrial):
-    def __init__(self, context: pytorch.PyTorchTrialContext, cfg) -> None:
+    def __init__(self, context: pytorch.PyTorchTrialContext, cfg, plan=None) -> None:
         from mmengine.registry import init_default_scope
 
         self.context = context
         self.cfg = cfg
+        check_supported(cfg)
         checkpoint.allow_numpy_rng_state()
         init_default_scope(cfg.get("default_scope", "mmdet"))
         self.rank = context.distributed.get_rank()
@@ -110,17 +142,19 @@ class MMDetTrial(pytorch.PyTorchTrial):
         on_cluster = info is not None and info.task_type == "TRIAL"
         # On a cluster each trial has its own seed; locally the config's (mmengine's randomness.seed).
         self.seed = context.get_trial_seed() if on_cluster else int(randomness.get("seed") or 0)
+        self.loaded_from: str | None = None
         seed_everything(self.seed, bool(randomness.get("deterministic", False)))
 
         self.train_set = data.build_dataset(cfg.train_dataloader.dataset, "train_dataloader.dataset")
         self.val_set = data.build_dataset(cfg.val_dataloader.dataset, "val_dataloader.dataset")
         self.classes = list(self.train_set.metainfo.get("classes", ()))
 
-        model = self._build_model(cfg)
+        built_hooks = hooks.build_hooks(cfg)  # before the model: a hook the trial cannot run stops here
+        model = revert_sync_batchnorm(self._build_model(cfg), slots, context.device)
         if cfg.get("find_unused_parameters"):
             find_unused_parameters_in_ddp(context)
         self.model = context.wrap_model(model)
-        self.optimizer, self.clip_grad, self.autocast, scaler = self._build_optimizer(cfg, model)
+        self.optimizer, self.clip_grad, self.autocast, scaler, optim_wrapper = self._build_optimizer(cfg, model)
         self.scaler = context.wrap_scaler(scaler) if scaler is not None else None
         epoch_len = self._epoch_length(slots)
         self.iter_schedulers, self.epoch_schedulers = self._build_schedulers(cfg, epoch_len)
@@ -128,6 +162,7 @@ class MMDetTrial(pytorch.PyTorchTrial):
         self.reducer = context.wrap_reducer(
             EvaluatorReducer(self._build_evaluator(cfg), is_chief=self.rank == 0), for_training=False
         )
+        self.hooks = self._start_hooks(built_hooks, optim_wrapper, epoch_len, plan)
 
     # ---- construction --------------------------------------------------------------------------
 
@@ -142,6 +177,7 @@ class MMDetTrial(pytorch.PyTorchTrial):
             model.init_weights()  # mmengine logs one INFO paragraph per parameter
         if cfg.get("load_from"):
             weights.load_into(model, str(cfg.load_from))
+            self.loaded_from = str(cfg.load_from)
         n_classes = _num_classes(cfg.model)
         if n_classes is not None and self.classes and n_classes != len(self.classes):
             raise UserError(
@@ -162,6 +198,7 @@ class MMDetTrial(pytorch.PyTorchTrial):
             wrapper_cfg.pop(amp_only, None)  # accumulative_counts -> Determined aggregation_frequency
         built = build_optim_wrapper(model, dict(type="OptimWrapper", **wrapper_cfg))
         optimizer = self.context.wrap_optimizer(built.optimizer)
+        built.optimizer = optimizer  # hooks read learning rates through the wrapper (RuntimeInfoHook)
 
         autocast: contextlib.AbstractContextManager = contextlib.nullcontext()
         scaler = None
@@ -177,7 +214,7 @@ class MMDetTrial(pytorch.PyTorchTrial):
                 scaler = torch.amp.GradScaler("cuda")
         elif kind != "OptimWrapper":
             raise UserError(f"optim_wrapper.type {kind!r}: choose OptimWrapper or AmpOptimWrapper")
-        return optimizer, clip_grad, autocast, scaler
+        return optimizer, clip_grad, autocast, scaler, built
 
     def _epoch_length(self, slots: int) -> int:
         batches = -(-len(self.train_set) // self.batch_size)
@@ -197,6 +234,40 @@ class MMDetTrial(pytorch.PyTorchTrial):
             (per_epoch if scheduler.by_epoch else per_iter).append(scheduler)
         return per_iter, per_epoch
 
+    def _start_hooks(self, built: list, optim_wrapper, epoch_len: int, plan) -> hooks.HookSet:
+        """The adapter the hooks see, then ``before_run`` (and ``after_load_checkpoint`` for load_from)."""
+        by_epoch = _epoch_based(self.cfg)
+        max_iters, max_epochs = _lengths(self.cfg, plan, epoch_len)
+        workers = int(self.cfg.train_dataloader.get("num_workers", 0))
+        val_size = int(self.cfg.val_dataloader.get("batch_size", 1))
+        runner = hooks.RunnerAdapter(
+            model=self.model,
+            cfg=self.cfg,
+            optim_wrapper=optim_wrapper,
+            param_schedulers=self.iter_schedulers + self.epoch_schedulers,
+            train_loader=hooks.LoaderView(self.train_set, self.batch_size, workers, epoch_len),
+            val_loader=hooks.LoaderView(self.val_set, val_size, 0, -(-len(self.val_set) // val_size)),
+            max_iters=max_iters,
+            max_epochs=max_epochs,
+            rank=self.rank,
+            world_size=self.context.distributed.get_size(),
+            seed=self.seed,
+            work_dir=str(self.cfg.get("work_dir") or "."),
+            stop=lambda: self.context.set_stop_requested(True),
+        )
+        hook_set = hooks.HookSet(built, runner, by_epoch)
+        switches = [h for _, h in built if hooks.changes_data(h)]
+        self.loader_hooks = hooks.LoaderHooks(switches, runner, by_epoch, in_process=workers == 0)
+        if workers == 0:
+            hook_set.loader_side = switches
+        if self.rank == 0 and built:
+            logger.info("hooks: %s", ", ".join(hook_set.names))
+        hook_set.call("before_run")
+        if self.loaded_from:
+            state = {k: v.detach().clone() for k, v in checkpoint.unwrap(self.model).state_dict().items()}
+            hook_set.load_checkpoint({"meta": {}, "state_dict": state}, self.model, resume=False)
+        return hook_set
+
     def _build_evaluator(self, cfg):
         from mmengine.evaluator import Evaluator
 
@@ -207,7 +278,8 @@ class MMDetTrial(pytorch.PyTorchTrial):
     # ---- Determined hooks ----------------------------------------------------------------------
 
     def build_training_data_loader(self) -> pytorch.DataLoader:
-        return data.train_loader(self.train_set, self.cfg.train_dataloader, self.batch_size, self.seed)
+        at_epoch = self.loader_hooks.at_epoch if self.loader_hooks else None
+        return data.train_loader(self.train_set, self.cfg.train_dataloader, self.batch_size, self.seed, at_epoch)
 
     def build_validation_data_loader(self) -> pytorch.DataLoader:
         size = int(self.cfg.val_dataloader.get("batch_size", 1))
@@ -217,6 +289,27 @@ class MMDetTrial(pytorch.PyTorchTrial):
         return len(batch["inputs"])
 
     def train_batch(self, batch: dict[str, Any], epoch_idx: int, batch_idx: int) -> dict[str, Any]:
+        # The Runner's order: before_* hooks (the MessageHub's iter and epoch, which data preprocessors
+        # and heads read), the step, after_train_iter hooks (EMA), then ParamSchedulerHook's stepping.
+        self.hooks.before_iter(epoch_idx, batch_idx, batch)
+        outputs = self._step_with_retries(batch, epoch_idx, batch_idx)
+        metrics = {k: float(v) for k, v in outputs.items()}
+        metrics["lr"] = float(self.optimizer.param_groups[0]["lr"])
+        self.hooks.after_iter(batch_idx, batch, outputs)
+        for scheduler in self.iter_schedulers:
+            scheduler.step()
+        if self.context.is_epoch_end():
+            if self.hooks.by_epoch:
+                self.hooks.after_epoch()
+            for scheduler in self.epoch_schedulers:
+                scheduler.step()
+        if self.hooks.runner.iter >= self.hooks.runner.max_iters:
+            if not self.hooks.by_epoch:
+                self.hooks.after_epoch()  # IterBasedTrainLoop: one "epoch", ended with training
+            self.hooks.finished = True
+        return metrics
+
+    def _step_with_retries(self, batch: dict[str, Any], epoch_idx: int, batch_idx: int) -> dict[str, torch.Tensor]:
         while True:
             try:
                 return self._train_step(batch, epoch_idx, batch_idx)
@@ -231,9 +324,10 @@ class MMDetTrial(pytorch.PyTorchTrial):
                     batch_idx, len(batch["inputs"]), self.splits,
                 )  # fmt: skip
 
-    def _train_step(self, batch: dict[str, Any], epoch_idx: int, batch_idx: int) -> dict[str, Any]:
+    def _train_step(self, batch: dict[str, Any], epoch_idx: int, batch_idx: int) -> dict[str, torch.Tensor]:
+        """One optimizer step; returns the loss terms (mmengine's ``log_vars``) of the whole batch."""
         total = len(batch["inputs"])
-        metrics: dict[str, float] = {}
+        outputs: dict[str, torch.Tensor] = {}
         for part in split_batch(batch, self.splits):
             with self.autocast:
                 inputs = self.model.data_preprocessor(part, training=True)
@@ -247,16 +341,10 @@ class MMDetTrial(pytorch.PyTorchTrial):
             weight = len(part["inputs"]) / total  # parts of a split batch add up to the whole batch's mean loss
             self.context.backward((self.scaler.scale(loss) if self.scaler else loss) * weight)
             for k, v in terms.items():
-                metrics[k] = metrics.get(k, 0.0) + weight * float(v.detach() if torch.is_tensor(v) else v)
-
+                value = (v.detach() if torch.is_tensor(v) else torch.tensor(float(v))) * weight
+                outputs[k] = outputs[k] + value if k in outputs else value
         self.context.step_optimizer(self.optimizer, clip_grads=self._clip, scaler=self.scaler)
-        for scheduler in self.iter_schedulers:
-            scheduler.step()
-        if self.context.is_epoch_end():
-            for scheduler in self.epoch_schedulers:
-                scheduler.step()
-        metrics["lr"] = float(self.optimizer.param_groups[0]["lr"])
-        return metrics
+        return outputs
 
     def _forward_loss(self, inputs: dict[str, Any]) -> dict[str, Any]:
         try:
@@ -288,14 +376,21 @@ class MMDetTrial(pytorch.PyTorchTrial):
             torch.nn.utils.clip_grad_norm_(params, **spec)
 
     def evaluate_batch(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+        self.hooks.call("before_val_iter", batch_idx=batch_idx, data_batch=batch)
         with torch.no_grad(), self.autocast:
             inputs = self.model.data_preprocessor(batch, training=False)
             outputs = self.model(**inputs, mode="predict")
         self.reducer.update(batch, outputs)
+        self.hooks.call("after_val_iter", batch_idx=batch_idx, data_batch=batch, outputs=outputs)
         return {}
 
     def build_callbacks(self) -> dict[str, pytorch.PyTorchCallback]:
-        callbacks: dict[str, pytorch.PyTorchCallback] = {"mmdet_export": checkpoint.ExportOnCheckpoint(self)}
+        # The hooks' callback first: validation swaps EMA weights in before other callbacks see metrics.
+        hook_state = hooks.HooksCallback(self.hooks, self.model, self.train_set.metainfo)
+        callbacks: dict[str, pytorch.PyTorchCallback] = {
+            "mmdet_hooks": hook_state,
+            "mmdet_export": checkpoint.ExportOnCheckpoint(self, hook_state),
+        }
         hparams = self.context.get_hparams()
         if hparams.get("early_stopping"):
             from det_mmdet import knobs
@@ -350,3 +445,22 @@ def _num_classes(model_cfg: Any) -> int | None:
             if found is not None:
                 return found
     return None
+
+
+def _epoch_based(cfg) -> bool:
+    train_cfg = cfg.get("train_cfg") or {}
+    return "max_epochs" in train_cfg or train_cfg.get("type") == "EpochBasedTrainLoop"
+
+
+def _lengths(cfg, plan, epoch_len: int) -> tuple[int, int]:
+    """``(max_iters, max_epochs)`` as the Runner's loops report them, for this run's length."""
+    unit = plan.max_length if plan is not None else None
+    if isinstance(unit, pytorch.Batch) and isinstance(unit.value, int):
+        return unit.value, -(-unit.value // epoch_len)
+    if isinstance(unit, pytorch.Epoch) and isinstance(unit.value, int):
+        return unit.value * epoch_len, unit.value
+    train_cfg = cfg.get("train_cfg") or {}
+    if train_cfg.get("max_epochs"):
+        return int(train_cfg["max_epochs"]) * epoch_len, int(train_cfg["max_epochs"])
+    iters = int(train_cfg.get("max_iters") or 0)
+    return iters, -(-iters // epoch_len)
