@@ -32,6 +32,7 @@ class RecordHook(Hook):
     def after_train_iter(self, runner, batch_idx: int, data_batch=None, outputs=None) -> None:
         self._write(
             {
+                "rank": runner.rank,
                 "iter": runner.iter,
                 "epoch": runner.epoch,
                 "batch_idx": batch_idx,

@@ -239,3 +239,20 @@ def test_yolox_trains_as_under_the_runner(tmp_path, shapes):
     assert "loss_l1" not in ours[EPOCH - 1]["losses"] and "loss_l1" in ours[EPOCH]["losses"]
     assert validations(ours_val) == validations(ref_val)
     assert_same_weights(both["ours_ckpt"]["state_dict"], both["runner_ckpt"]["state_dict"])
+
+
+def test_rtmdet_on_two_slots_runs_the_hooks_on_every_rank(rtmdet, tmp_path, shapes):
+    """Two processes (gloo): SyncBN becomes BN with a warning (torch's SyncBN needs GPUs), the
+    MessageHub and the pipeline switch are the same on both ranks."""
+    record = tmp_path / "two.jsonl"
+    exp = write_experiment(tmp_path, rtmdet_hparams(shapes, record, rtmdet["exp"].parent / "start.pth"))
+    r = det_mmdet("train", exp, "--output-dir", tmp_path / "run", "--slots", 2, env=ENV)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "SyncBatchNorm runs on GPUs only: on CPU each of the 2 processes normalises" in r.stderr
+    train, _ = records(record)
+    for rank in (0, 1):  # 4 images per slot and batch: each slot has an epoch of 6 batches, as with one slot
+        mine = sorted((x for x in train if x["rank"] == rank), key=lambda x: x["iter"])
+        assert [x["hub"]["iter"] for x in mine] == list(range(4 * EPOCH))
+        assert [x["hub"]["epoch"] for x in mine] == [i // EPOCH for i in range(4 * EPOCH)]
+        assert {len(x["shapes"]) for x in mine} == {4}
+        assert [x["shapes"][0][-1] for x in mine] == [128] * (2 * EPOCH) + [96] * (2 * EPOCH)

@@ -293,8 +293,6 @@ class MMDetTrial(pytorch.PyTorchTrial):
         # and heads read), the step, after_train_iter hooks (EMA), then ParamSchedulerHook's stepping.
         self.hooks.before_iter(epoch_idx, batch_idx, batch)
         outputs = self._step_with_retries(batch, epoch_idx, batch_idx)
-        metrics = {k: float(v) for k, v in outputs.items()}
-        metrics["lr"] = float(self.optimizer.param_groups[0]["lr"])
         self.hooks.after_iter(batch_idx, batch, outputs)
         for scheduler in self.iter_schedulers:
             scheduler.step()
@@ -307,6 +305,8 @@ class MMDetTrial(pytorch.PyTorchTrial):
             if not self.hooks.by_epoch:
                 self.hooks.after_epoch()  # IterBasedTrainLoop: one "epoch", ended with training
             self.hooks.finished = True
+        metrics = {k: float(v) for k, v in outputs.items()}
+        metrics["lr"] = float(self.optimizer.param_groups[0]["lr"])  # for the next batch, as before
         return metrics
 
     def _step_with_retries(self, batch: dict[str, Any], epoch_idx: int, batch_idx: int) -> dict[str, torch.Tensor]:
