@@ -6,7 +6,9 @@ Both train one config on one drawn-shapes set (``make_shapes``), batch 4 (``--ba
 - ``tiny`` (default): ``model_def/configs/shapes_faster_rcnn.py``, ResNet-18 with 16 base channels,
   FPN 32, 128 px;
 - ``r50-320``: ``bench/configs/faster_rcnn_r50_fpn_320.py``, the model of mmdet's
-  ``faster-rcnn_r50_fpn_1x_coco.py`` (backbone from random weights) at 320 px.
+  ``faster-rcnn_r50_fpn_1x_coco.py`` (backbone from random weights) at 320 px;
+- ``rtmdet``: ``model_def/configs/shapes_rtmdet.py``, mmdet's RTMDet-tiny recipe at 1/8 width and
+  128 px, with its hooks (EMAHook updating every batch, PipelineSwitchHook) run by both trainers.
 
 Both start from the same weights: one random initialisation made here and given as ``load_from``
 (see ``initial_weights``).
@@ -59,6 +61,7 @@ ROOT = Path(__file__).resolve().parent.parent
 MODELS = {  # --model: (config, what the report calls it)
     "tiny": (ROOT / "model_def" / "configs" / "shapes_faster_rcnn.py", "tiny Faster R-CNN, 128 px"),
     "r50-320": (ROOT / "bench" / "configs" / "faster_rcnn_r50_fpn_320.py", "Faster R-CNN R50-FPN, 320 px"),
+    "rtmdet": (ROOT / "model_def" / "configs" / "shapes_rtmdet.py", "RTMDet-tiny 1/8 width (EMAHook), 128 px"),
 }
 SYSTEMS = {"runner": "mmengine Runner", "ours": "det-mmdet"}
 

@@ -67,6 +67,10 @@ def test_sync_batchnorm_becomes_batchnorm_on_one_process():
         ),
         ({"custom_hooks": [{"type": "NoSuchHook"}]}, "error: custom_hooks[0]: NoSuchHook is not in the"),
         (
+            {"custom_hooks": [{"type": "EMAHook", "begin_iter": 5, "begin_epoch": 1}]},
+            "error: custom_hooks[0]: EMAHook: `begin_iter` and `begin_epoch` should not be both set.",
+        ),
+        (
             {"default_hooks.visualization.draw": True},
             "error: default_hooks.visualization.draw=True is not supported: draw predictions with `det-mmdet predict`",
         ),

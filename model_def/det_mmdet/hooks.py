@@ -102,6 +102,8 @@ def build_hooks(cfg) -> list[tuple[str, Any]]:
             hook = HOOKS.build(spec)
         except KeyError as e:  # the registry's "X is not in the hook registry"
             raise UserError(f"{where}: {e.args[0] if e.args else e}") from None
+        except (TypeError, ValueError, AssertionError) as e:  # the hook's own argument checks
+            raise UserError(f"{where}: {hook_type(spec)}: {e or type(e).__name__}") from None
         hook.priority = get_priority(priority if priority is not None else hook.priority)
         check_surface(where, hook)
         built.append((where, hook))
