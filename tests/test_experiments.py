@@ -122,12 +122,24 @@ def requirement_pins() -> dict[str, str]:
 def test_dockerfile_installs_the_project_pins():
     dockerfile = (ROOT / "docker" / "Dockerfile").read_text()
     pins = requirement_pins()
-    # Determined's base image for the same Determined release as the pinned package.
-    base = re.search(r"^ARG BASE_IMAGE=determinedai/pytorch-ngc:(\S+)$", dockerfile, re.M)
-    assert base and pins["determined"] == f"=={base.group(1)}"
-    # Everything installed comes from requirements.txt: torch, then mmcv, then the rest.
-    assert "COPY requirements.txt" in dockerfile
-    order = [dockerfile.index(s) for s in ("grep '^torch=='", "--no-build-isolation \"$(grep '^mmcv=='", "-r /tmp")]
+    # The base is the default task image of the pinned Determined release (const.go at 0.38.1), the
+    # image Determined's own expconf cases of that release write out in full.
+    base = re.search(r"^ARG BASE_IMAGE=(\S+)$", dockerfile, re.M)
+    if expconf.EXPCONF_DIR is None:
+        pytest.skip("Determined's expconf test cases are not here")
+    (cases,) = yaml.safe_load_all((expconf.EXPCONF_DIR / "test_cases" / "experiment.yaml").read_text())
+    (full,) = [c for c in cases if c["name"] == "full valid experiment"]
+    assert pins["determined"] == "==0.38.1" and base
+    assert base.group(1) == full["case"]["environment"]["image"]["cuda"] == "determinedai/pytorch-ngc-dev:0736b6d"
+    # Everything installed comes from requirements.txt: torch (with its torchvision), then mmcv, then the rest.
+    assert "COPY requirements.txt docker/requirements-cuda.txt" in dockerfile
+    cuda_pins = (ROOT / "docker" / "requirements-cuda.txt").read_text()
+    assert re.search(r"^torchvision==0\.28\.0$", cuda_pins, re.M) and pins["torch"] == "==2.13.0"  # 0.28.0 needs 2.13.0
+    assert "-r /tmp/det-mmdet/requirements-cuda.txt" in dockerfile and "import torch, torchvision" in dockerfile
+    order = [
+        dockerfile.index(s)
+        for s in ("grep '^torch=='", "--no-build-isolation \"$(grep '^mmcv=='", "-r /tmp/det-mmdet/requirements.txt")
+    ]
     assert order == sorted(order)
     # Any version written in the Dockerfile itself must be the project's.
     for name, spec in re.findall(r'"?([A-Za-z][\w-]*)((?:==|>=|<=|<|>)[\w.,<>=]+)"?', dockerfile):

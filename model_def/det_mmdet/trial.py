@@ -15,7 +15,9 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import pickle
 import random
+import re
 from typing import Any
 
 import determined as det
@@ -29,6 +31,9 @@ from det_mmdet.errors import UserError
 from det_mmdet.evaluation import EvaluatorReducer
 
 logger = logging.getLogger("det_mmdet")
+
+# Import names of mmdet's optional extras -> their pip packages.
+EXTRAS = {"skimage": "scikit-image", "sklearn": "scikit-learn", "transformers": "transformers"}
 
 
 def per_slot_batch_size(global_batch_size: int, slots: int) -> int:
@@ -173,11 +178,25 @@ class MMDetTrial(pytorch.PyTorchTrial):
             model = MODELS.build(cfg.model)
         except KeyError as e:  # the registry's "X is not in the model registry"
             raise UserError(f"model: {e.args[0] if e.args else e}") from None
-        with quiet_mmengine():
-            model.init_weights()  # mmengine logs one INFO paragraph per parameter
-        if cfg.get("load_from"):
-            weights.load_into(model, str(cfg.load_from))
-            self.loaded_from = str(cfg.load_from)
+        except (RuntimeError, ImportError) as e:  # mmdet's optional extras: "skimage is not installed"
+            found = re.search(r"(\w+) is not installed", str(e))
+            name = getattr(e, "name", None) or (found.group(1) if found else None)
+            if name is None:
+                raise
+            package = EXTRAS.get(name, name)
+            raise UserError(f"{cfg.model.get('type')} needs the {package} package: pip install {package}") from None
+        source = str(cfg.load_from) if cfg.get("load_from") else None
+        state = weights.read_state_dict(weights.local_copy(source), source) if source else None
+        weights.resolve_pretrained_inits(model, state)  # ImageNet backbones from the cache / mirror
+        try:
+            with quiet_mmengine():
+                model.init_weights()  # mmengine logs one INFO paragraph per parameter
+        except pickle.UnpicklingError as e:  # torch's weights-only loader refused an init_cfg checkpoint
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            raise UserError(f"model init_cfg: a Pretrained checkpoint is not weights-only ({first})") from None
+        if source is not None:
+            weights.load_into(model, source, state)
+            self.loaded_from = source
         n_classes = _num_classes(cfg.model)
         if n_classes is not None and self.classes and n_classes != len(self.classes):
             raise UserError(

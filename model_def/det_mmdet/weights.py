@@ -32,6 +32,10 @@ logger = logging.getLogger("det_mmdet")
 
 OPENMMLAB = "https://download.openmmlab.com"
 MIRROR_ENV = "DET_MMDET_WEIGHTS_MIRROR"
+TORCHVISION = "https://download.pytorch.org"
+TORCHVISION_MIRROR_ENV = "DET_MMDET_TORCHVISION_MIRROR"
+MIRRORS = {OPENMMLAB: MIRROR_ENV, TORCHVISION: TORCHVISION_MIRROR_ENV}
+SCHEMES = ("torchvision://", "modelzoo://", "open-mmlab://", "openmmlab://", "mmcls://")
 CACHE_ENV = "DET_MMDET_CACHE"
 HASH_IN_NAME = re.compile(r"-([0-9a-f]{8,64})\.pth$")
 
@@ -84,7 +88,28 @@ def pretrained_url(config_path: Path) -> str:
 # ---- fetching -------------------------------------------------------------------------------------
 
 
-def local_copy(source: str) -> Path:
+def scheme_url(source: str, what: str) -> str:
+    """The URL behind mmengine's checkpoint schemes, from the tables mmengine ships; others unchanged."""
+    if not source.startswith(SCHEMES):
+        return source
+    import mmengine
+    from mmengine.runner.checkpoint import get_deprecated_model_names, get_external_models, get_mmcls_models
+
+    scheme, name = source.split("://", 1)
+    if scheme in ("torchvision", "modelzoo"):
+        table = mmengine.load(os.path.join(mmengine.__path__[0], "hub", "torchvision_0.12.json"))
+    elif scheme == "mmcls":
+        table = get_mmcls_models()
+    else:
+        table = get_external_models()
+        name = get_deprecated_model_names().get(name, name)
+    if name not in table:
+        close = ", ".join(sorted(k for k in table if k.split("_")[0] == name.split("_")[0])[:6]) or "none alike"
+        raise UserError(f"{what}: {source}: mmengine knows no {scheme} checkpoint {name!r} (similar: {close})")
+    return str(table[name])
+
+
+def local_copy(source: str, what: str = "load_from") -> Path:
     """A local file for ``source``: itself, or a verified download in the cache."""
     from det_mmdet import backends  # registers s3/gcs
 
@@ -93,18 +118,19 @@ def local_copy(source: str) -> Path:
 
         return get_file_backend(source).fetch_to_cache(source)
     if source.startswith(("http://", "https://")):
-        return download(source)
+        return download(source, what)
     path = Path(source).expanduser()
     if not path.is_file():
-        raise UserError(f"load_from: {source} does not exist")
+        raise UserError(f"{what}: {source} does not exist")
     return path
 
 
-def download(url: str) -> Path:
+def download(url: str, what: str = "load_from") -> Path:
     from filelock import FileLock
 
-    mirror = os.environ.get(MIRROR_ENV)
-    fetch_url = mirror.rstrip("/") + url[len(OPENMMLAB) :] if mirror and url.startswith(OPENMMLAB) else url
+    host = next((h for h in MIRRORS if url.startswith(h)), None)
+    mirror = os.environ.get(MIRRORS[host]) if host else None
+    fetch_url = mirror.rstrip("/") + url[len(host) :] if host and mirror else url
     target = cache_dir() / url.split("://", 1)[1]
     target.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(target) + ".lock"):
@@ -117,9 +143,10 @@ def download(url: str) -> Path:
         except (urllib.error.URLError, OSError) as e:
             partial.unlink(missing_ok=True)
             reason = getattr(e, "reason", None) or e
+            fix = f"set {MIRRORS[host]} to a mirror of {host}" if host else "make it reachable"
+            local = "hyperparameters.load_from" if what == "load_from" else what
             raise UserError(
-                f"cannot download {fetch_url} ({reason}); set {MIRROR_ENV} to a mirror of {OPENMMLAB} "
-                "or hyperparameters.load_from to a local file"
+                f"{what}: cannot download {fetch_url} ({reason}); {fix} or {local} to a local file"
             ) from None
         _verify(partial, url, size)
         os.replace(partial, target)
@@ -170,9 +197,15 @@ def read_state_dict(path: Path, source: str) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
-def load_into(model: torch.nn.Module, source: str) -> dict[str, list[str]]:
-    """Copy matching tensors from ``source`` into ``model``; returns what was loaded/skipped/missing."""
-    state = read_state_dict(local_copy(source), source)
+def load_into(
+    model: torch.nn.Module, source: str, state: dict[str, torch.Tensor] | None = None
+) -> dict[str, list[str]]:
+    """Copy matching tensors from ``source`` (or ``state``, read already) into ``model``.
+
+    Returns what was loaded, skipped (other shape), missing and unexpected.
+    """
+    if state is None:
+        state = read_state_dict(local_copy(source), source)
     own = model.state_dict()
     loaded = [k for k, v in state.items() if k in own and own[k].shape == v.shape]
     skipped = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
@@ -204,3 +237,54 @@ def resolve_source(hparams: dict[str, Any], cfg_path: Path, cfg_load_from: Any) 
     if hparams.get("use_pretrained"):
         return pretrained_url(cfg_path)
     return str(cfg_load_from) if cfg_load_from else None
+
+
+# ---- backbone init_cfg checkpoints ----------------------------------------------------------------
+
+
+def resolve_pretrained_inits(model: torch.nn.Module, load_from: dict[str, torch.Tensor] | None = None) -> None:
+    """Point every ``Pretrained`` init_cfg of the built model at a local, verified file.
+
+    A module whose every tensor ``load_from`` provides (same shape) does not need its ImageNet
+    checkpoint: that init is dropped, so a fine-tune from a detector checkpoint downloads nothing more.
+    """
+    for name, module in model.named_modules():
+        init = getattr(module, "init_cfg", None)
+        if not init:
+            continue
+        specs = list(init) if isinstance(init, (list, tuple)) else [init]
+        kept = []
+        for spec in specs:
+            if not (isinstance(spec, dict) and spec.get("type") == "Pretrained" and spec.get("checkpoint")):
+                kept.append(spec)
+                continue
+            where = f"model.{name}.init_cfg" if name else "model.init_cfg"
+            if load_from is not None and _covers(load_from, module, name):
+                logger.info("%s: %s not needed, load_from holds all of its tensors", where, spec["checkpoint"])
+                continue
+            spec["checkpoint"] = str(resolve_checkpoint(str(spec["checkpoint"]), f"{where}.checkpoint"))
+            kept.append(spec)
+        module.init_cfg = kept if isinstance(init, (list, tuple)) else (kept[0] if kept else None)
+
+
+def resolve_checkpoint(source: str, what: str) -> Path:
+    """A local file for a checkpoint named the ways mmengine accepts (schemes, URLs, buckets, paths)."""
+    path = local_copy(scheme_url(source, what), what)
+    if source.startswith("mmcls://"):  # mmcls classifiers: the backbone's tensors, without their prefix
+        path = _backbone_only(path, source)
+    return path
+
+
+def _backbone_only(path: Path, source: str) -> Path:
+    target = path.with_name(path.stem + ".backbone.pth")
+    if not target.is_file():
+        state = read_state_dict(path, source)
+        backbone = {k[len("backbone.") :]: v for k, v in state.items() if k.startswith("backbone.")}
+        torch.save({"state_dict": backbone or state}, target)
+    return target
+
+
+def _covers(state: dict[str, torch.Tensor], module: torch.nn.Module, name: str) -> bool:
+    prefix = f"{name}." if name else ""
+    own = module.state_dict()
+    return bool(own) and all(prefix + k in state and state[prefix + k].shape == v.shape for k, v in own.items())
