@@ -98,7 +98,7 @@ CASES = [
          "train.json is not valid JSON"),
     Case("num_classes differs from the annotation file",
          lambda t, d: train(exp(t, d, **{"model.roi_head.bbox_head.num_classes": 5}), t),
-         "model num_classes is 5 but the training set has 3 classes"),
+         "model.roi_head.bbox_head.num_classes is 5 but the training set has 3 classes"),
     Case("class names absent from the annotation file",
          lambda t, d: train(exp(t, d, **{"train_dataloader.dataset.metainfo.classes": ["circle", "square", "hexagon"]}),
                             t),

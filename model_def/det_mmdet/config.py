@@ -420,8 +420,18 @@ def train_dataset(tree: dict[str, Any]) -> dict[str, Any]:
 
 
 def set_classes(tree: dict[str, Any], names: list[str]) -> None:
-    """``names`` in every dataset's metainfo and every model ``num_classes`` (and top-level ``classes``)."""
+    """``names`` in every dataset's metainfo and every class count of the model.
+
+    That is every ``num_classes`` and ``num_things_classes`` (``num_stuff_classes`` becomes 0: an
+    instance annotation file has things only), per-class loss weights, and the top-level names
+    configs build them from (``classes``, ``num_classes``, ...).
+    """
     _set_classes(tree, names)
+    for key in ("num_classes", "num_things_classes"):
+        if isinstance(tree.get(key), int):
+            tree[key] = len(names)
+    if isinstance(tree.get("num_stuff_classes"), int):
+        tree["num_stuff_classes"] = 0
     # Top-level names a config uses to build its datasets (custom_coco.py's style), kept consistent.
     if "classes" in tree:
         tree["classes"] = tuple(names)
@@ -429,19 +439,57 @@ def set_classes(tree: dict[str, Any], names: list[str]) -> None:
         tree["metainfo"] = {"classes": tuple(names)}
 
 
-def _set_classes(node: Any, names: list[str], in_model: bool = False) -> None:
+def _set_classes(node: Any, names: list[str], in_model: bool = False, where: str = "") -> None:
     if isinstance(node, dict):
         if "ann_file" in node and "pipeline" in node:  # a dataset (evaluators have ann_file too)
             node["metainfo"] = {**{k: v for k, v in (node.get("metainfo") or {}).items() if k != "palette"},
                                 "classes": tuple(names)}  # fmt: skip
         for key, value in node.items():
-            if key == "num_classes" and in_model:
+            path = f"{where}.{key}" if where else key
+            if in_model and key in SEGMENTATION_HEADS:
+                continue  # its classes are the stuff map's (HTC: 183 COCO-stuff classes), not the boxes'
+            if in_model and key in ("num_classes", "num_things_classes"):
                 node[key] = len(names)
+            elif in_model and key == "num_stuff_classes":
+                node[key] = 0  # an instance annotation file: every class is a thing
+            elif in_model and key == "class_weight" and isinstance(value, (list, tuple)):
+                node[key] = _resized_class_weight(list(value), len(names), path)
             else:
-                _set_classes(value, names, in_model or key == "model")
+                _set_classes(value, names, in_model or key == "model", path)
     elif isinstance(node, (list, tuple)):
-        for value in node:
-            _set_classes(value, names, in_model)
+        for i, value in enumerate(node):
+            _set_classes(value, names, in_model, f"{where}.{i}")
+
+
+# Heads that segment the stuff map (semantic classes of their own): not class counts of the detector.
+SEGMENTATION_HEADS = ("semantic_head",)
+
+
+def _resized_class_weight(weights: list, count: int, path: str) -> list:
+    """A per-class loss weight list (classes + background, Mask2Former's) for ``count`` classes."""
+    classes, background = weights[:-1], weights[-1:]
+    if len(set(classes)) > 1:
+        raise UserError(f"{path} weighs its {len(classes)} classes differently; give it {count} + 1 values")
+    return [classes[0] if classes else 1.0] * count + background
+
+
+def class_count_fields(node: Any, where: str = "model") -> list[tuple[str, int]]:
+    """Every class-count field of a model config: ``num_classes``, and things + stuff for panoptic heads."""
+    found: list[tuple[str, int]] = []
+    if isinstance(node, dict):
+        if isinstance(node.get("num_things_classes"), int):
+            found.append(
+                (f"{where}.num_things_classes", node["num_things_classes"] + int(node.get("num_stuff_classes") or 0))
+            )
+        if isinstance(node.get("num_classes"), int):
+            found.append((f"{where}.num_classes", node["num_classes"]))
+        for key, value in node.items():
+            if key not in SEGMENTATION_HEADS:
+                found += class_count_fields(value, f"{where}.{key}")
+    elif isinstance(node, (list, tuple)):
+        for i, value in enumerate(node):
+            found += class_count_fields(value, f"{where}.{i}")
+    return found
 
 
 def substitute_backend_args(node: Any, backend_args: dict[str, Any] | None) -> int:

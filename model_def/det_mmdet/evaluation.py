@@ -13,6 +13,8 @@ from typing import Any
 
 from determined import pytorch
 
+from det_mmdet.errors import UserError
+
 
 def _image_id(result: Any) -> Any:
     """The image id inside one metric result (CocoMetric stores ``(gt, pred)`` pairs)."""
@@ -25,19 +27,32 @@ def _image_id(result: Any) -> Any:
 class EvaluatorReducer(pytorch.MetricReducer):
     """Collects results of every metric of an mmengine ``Evaluator`` and scores them once."""
 
-    def __init__(self, evaluator, is_chief: bool) -> None:
+    def __init__(self, evaluator, is_chief: bool, count_fields: str = "num_classes") -> None:
         self.evaluator = evaluator
         self.is_chief = is_chief
+        self.count_fields = count_fields  # the model config's class-count fields, for the error above
         self.reset()
 
     def reset(self) -> None:
         self.results: list[list[Any]] = [[] for _ in self.evaluator.metrics]
 
     def update(self, data_batch: dict[str, Any], outputs: list[Any]) -> None:
+        self._check_labels(outputs)
         self.evaluator.process(data_samples=outputs, data_batch=data_batch)
         for store, metric in zip(self.results, self.evaluator.metrics, strict=True):
             store.extend(metric.results)
             metric.results.clear()
+
+    def _check_labels(self, outputs: list[Any]) -> None:
+        """A predicted class the data set does not have would end in an IndexError inside the metric."""
+        classes = (self.evaluator.dataset_meta or {}).get("classes") or ()
+        for sample in outputs:
+            labels = getattr(getattr(sample, "pred_instances", None), "labels", None)
+            if classes and labels is not None and labels.numel() and int(labels.max()) >= len(classes):
+                raise UserError(
+                    f"validation: the model predicted class index {int(labels.max())} but the data set has "
+                    f"{len(classes)} classes; set the model's class counts ({self.count_fields}) to {len(classes)}"
+                )
 
     def per_slot_reduce(self) -> list[list[Any]]:
         return self.results

@@ -165,7 +165,7 @@ class MMDetTrial(pytorch.PyTorchTrial):
         self.iter_schedulers, self.epoch_schedulers = self._build_schedulers(cfg, epoch_len)
 
         self.reducer = context.wrap_reducer(
-            EvaluatorReducer(self._build_evaluator(cfg), is_chief=self.rank == 0), for_training=False
+            EvaluatorReducer(self._build_evaluator(cfg), self.rank == 0, count_fields(cfg.model)), for_training=False
         )
         self.hooks = self._start_hooks(built_hooks, optim_wrapper, epoch_len, plan)
 
@@ -174,6 +174,7 @@ class MMDetTrial(pytorch.PyTorchTrial):
     def _build_model(self, cfg):
         from mmdet.registry import MODELS
 
+        check_class_counts(cfg.model, self.classes)  # before any weights are fetched
         try:
             model = MODELS.build(cfg.model)
         except KeyError as e:  # the registry's "X is not in the model registry"
@@ -197,12 +198,6 @@ class MMDetTrial(pytorch.PyTorchTrial):
         if source is not None:
             weights.load_into(model, source, state)
             self.loaded_from = source
-        n_classes = _num_classes(cfg.model)
-        if n_classes is not None and self.classes and n_classes != len(self.classes):
-            raise UserError(
-                f"model num_classes is {n_classes} but the training set has {len(self.classes)} classes "
-                f"({', '.join(self.classes[:5])}{', ...' if len(self.classes) > 5 else ''})"
-            )
         return model
 
     def _build_optimizer(self, cfg, model):
@@ -449,21 +444,26 @@ class EarlyStopping(pytorch.PyTorchCallback):
         self.best, self.stale = state_dict["best"], int(state_dict["stale"])
 
 
-def _num_classes(model_cfg: Any) -> int | None:
-    """The first ``num_classes`` found in the model's heads, if any."""
-    if isinstance(model_cfg, dict):
-        if isinstance(model_cfg.get("num_classes"), int):
-            return int(model_cfg["num_classes"])
-        for v in model_cfg.values():
-            found = _num_classes(v)
-            if found is not None:
-                return found
-    elif isinstance(model_cfg, (list, tuple)):
-        for v in model_cfg:
-            found = _num_classes(v)
-            if found is not None:
-                return found
-    return None
+def count_fields(model_cfg: Any) -> str:
+    from det_mmdet.config import class_count_fields
+
+    return ", ".join(field for field, _ in class_count_fields(model_cfg)) or "num_classes"
+
+
+def check_class_counts(model_cfg: Any, classes: list[str]) -> None:
+    """Every class count in the model (heads, panoptic things + stuff) against the training set's classes."""
+    from det_mmdet.config import class_count_fields
+
+    if not classes:
+        return
+    for field, count in class_count_fields(model_cfg):
+        if count == len(classes) or (count == 1 and "rpn" in field):  # RPN: object vs background
+            continue
+        shown = ", ".join(classes[:5]) + (", ..." if len(classes) > 5 else "")
+        raise UserError(
+            f"{field} is {count} but the training set has {len(classes)} classes ({shown}); "
+            "set data.classes_from_annotations: true or override the field"
+        )
 
 
 def _epoch_based(cfg) -> bool:
