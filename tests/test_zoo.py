@@ -104,3 +104,21 @@ def test_a_missing_extra_is_one_line(tmp_path, shapes):
     r = det_mmdet("train", exp, "--output-dir", tmp_path / "run", "--max-batches", 1)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines()[-1] == "error: GLIP needs the transformers package: pip install transformers"
+
+
+def test_zoo_subset_trains_and_validates(tmp_path):
+    """One config per distinct path (two-stage, one-stage, DETR-like, instance masks, hook-dependent), as
+    bench/zoo.py shrinks them: mmdet's own model, smaller images, one batch, then validation."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    only = "Faster R-CNN,RetinaNet,Deformable DETR,SOLOv2,RTMDet"
+    cmd = [sys.executable, "bench/zoo.py", "--only", only, "--trainers", "ours", "--batches", "1", "--size", "128"]
+    proc = subprocess.run([*cmd, "--work", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| ") and "`" in line]
+    assert len(rows) == 5, proc.stdout
+    for row in rows:
+        assert "| trains + validates |" in row, row
