@@ -47,7 +47,7 @@ def build_dataset(dataset_cfg: dict[str, Any], what: str):
     if len(dataset) == 0:
         raise UserError(f"{what}: the dataset {dataset_cfg.get('ann_file', '')!r} has no usable images")
     if audit is not None:
-        audit.report(len(dataset))
+        audit.report(len(dataset), dataset_cfg.get("indices"))
     return dataset
 
 
@@ -93,17 +93,17 @@ class AnnotationAudit:
                 f"(e.g. annotation {orphans[0].get('id')} -> image_id {orphans[0].get('image_id')})"
             )
 
-    def report(self, kept_images: int) -> None:
+    def report(self, kept_images: int, indices: Any = None) -> None:
         if self.boxes > self.kept:
             logger.warning(
                 "%s: mmdet skipped %d of %d boxes (empty, degenerate or outside their image)",
                 self.what, self.boxes - self.kept, self.boxes,
             )  # fmt: skip
         if self.images > kept_images:
-            logger.warning(
-                "%s: %d of %d images left out by filter_cfg (no usable boxes, or smaller than min_size)",
-                self.what, self.images - kept_images, self.images,
-            )  # fmt: skip
+            why = "filter_cfg (no usable boxes, or smaller than min_size)"
+            if indices is not None:
+                why = f"indices={indices!r} or {why}"
+            logger.warning("%s: %d of %d images left out by %s", self.what, self.images - kept_images, self.images, why)
 
 
 class NamedErrors(torch.utils.data.Dataset):
