@@ -405,6 +405,9 @@ class MMDetTrial(pytorch.PyTorchTrial):
             "mmdet_hooks": hook_state,
             "mmdet_export": checkpoint.ExportOnCheckpoint(self, hook_state),
         }
+        searcher_metric = (self.context.get_experiment_config().get("searcher") or {}).get("metric")
+        if searcher_metric:
+            callbacks["searcher_metric"] = SearcherMetricCheck(str(searcher_metric))
         hparams = self.context.get_hparams()
         if hparams.get("early_stopping"):
             from det_mmdet import knobs
@@ -413,6 +416,23 @@ class MMDetTrial(pytorch.PyTorchTrial):
             patience = int(hparams.get("early_stopping_patience", 3))
             callbacks["early_stopping"] = EarlyStopping(self.context, metric, patience)
         return callbacks
+
+
+class SearcherMetricCheck(pytorch.PyTorchCallback):
+    """Every validation must report the searcher's metric, locally as on a cluster.
+
+    On a cluster Determined's default checkpoint policy (``best``) ends the trial with a traceback
+    when a validation lacks it; this says so in one line, and in local runs too, so it shows up first
+    on a laptop.
+    """
+
+    def __init__(self, metric: str) -> None:
+        self.metric = metric
+
+    def on_validation_end(self, metrics: dict[str, Any]) -> None:
+        if self.metric not in metrics:
+            shown = ", ".join(sorted(k for k in metrics if k not in ("batches", "epochs"))) or "nothing"
+            raise UserError(f"validation reported no {self.metric}, the searcher's metric (it reported {shown})")
 
 
 class EarlyStopping(pytorch.PyTorchCallback):
