@@ -2,12 +2,15 @@
 
 mmdet builds the model, datasets, optimizer, schedulers and evaluator from the resolved config;
 Determined owns the loop: sharding, gradient exchange (``context.backward`` /
-``context.step_optimizer``), checkpoints, validation periods and the searcher. One training step:
+``context.step_optimizer``), checkpoints, validation periods and the searcher. The config's hooks
+run where mmengine's Runner runs them (``hooks.py``). One training step:
 
+    hooks: before_train_epoch (at an epoch's first batch), before_train_iter (MessageHub iter/epoch)
     data = model.data_preprocessor(batch, training=True)
     loss, terms = model.parse_losses(model(**data, mode="loss"))
     context.backward(loss); context.step_optimizer(optimizer, clip_grads)
-    step per-iteration schedulers (and per-epoch ones at an epoch's end)
+    hooks: after_train_iter (EMA), then per-iteration schedulers;
+    at an epoch's end after_train_epoch, then per-epoch schedulers
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from determined import pytorch
 from det_mmdet import checkpoint, data, hooks, weights
 from det_mmdet.errors import UserError
 from det_mmdet.evaluation import EvaluatorReducer
+from det_mmdet.runner import Schedule
 
 logger = logging.getLogger("det_mmdet")
 
@@ -121,7 +125,7 @@ def revert_sync_batchnorm(model: torch.nn.Module, slots: int, device: torch.devi
 
 
 class MMDetTrial(pytorch.PyTorchTrial):
-    def __init__(self, context: pytorch.PyTorchTrialContext, cfg, plan=None) -> None:
+    def __init__(self, context: pytorch.PyTorchTrialContext, cfg, plan: Schedule | None = None) -> None:
         from mmengine.registry import init_default_scope
 
         self.context = context
