@@ -51,13 +51,15 @@ FAMILIES = {
     "SSDLite": "ssd/ssdlite_mobilenetv2-scratch_8xb24-600e_coco.py",
     "DETR": "detr/detr_r50_8xb2-150e_coco.py",
     "Deformable DETR": "deformable_detr/deformable-detr_r50_16xb2-50e_coco.py",
-    "DINO": "dino/dino-4scale_r50_8xb2-12e_coco.py",
+    "DINO": "dino/dino-4scale_r50_8xb2-12e_coco.py",  # 900 queries: needs >= 900 encoder tokens (see SIZES)
     "SOLOv2": "solov2/solov2_r50_fpn_1x_coco.py",
     "YOLACT": "yolact/yolact_r50_1xb8-55e_coco.py",
     "Mask2Former": "mask2former/mask2former_r50_8xb2-lsj-50e_coco.py",
     "BoxInst": "boxinst/boxinst_r50_fpn_ms-90k_coco.py",
     "Soft Teacher": "soft_teacher/soft-teacher_faster-rcnn_r50-caffe_fpn_180k_semi-0.1-coco.py",
 }
+# Families that need larger images than --size: DINO selects 900 queries from its encoder's tokens.
+SIZES = {"DINO": 320}
 SIZE_KEYS = ("scale", "img_scale", "crop_size", "size", "scales", "random_size_range", "border")
 
 RUNNER = """
@@ -199,12 +201,22 @@ def last_line(text: str) -> str:
     return lines[-1].strip()[:160] if lines else "(no output)"
 
 
+def searcher_metric(config_file: Path) -> str:
+    """bbox_mAP, or segm_mAP for models evaluated on masks only (SOLOv2)."""
+    from mmengine.config import Config
+
+    evaluator = Config.fromfile(str(config_file)).get("val_evaluator") or {}
+    first = evaluator[0] if isinstance(evaluator, list) else evaluator
+    kinds = first.get("metric", "bbox")
+    return "bbox_mAP" if "bbox" in ([kinds] if isinstance(kinds, str) else list(kinds)) else "segm_mAP"
+
+
 def run_ours(config_file: Path, init: Path, work: Path, batches: int) -> dict[str, Any]:
     import yaml
 
     exp = work / "exp.yaml"
     hparams = {"global_batch_size": 2, "config_file": str(config_file), "load_from": str(init)}
-    searcher = {"name": "single", "metric": "bbox_mAP", "smaller_is_better": False}
+    searcher = {"name": "single", "metric": searcher_metric(config_file), "smaller_is_better": False}
     exp.write_text(yaml.safe_dump({"name": "zoo", "hyperparameters": hparams, "searcher": searcher}))
     out = work / "ours"
     args = ["train", exp, "--output-dir", out, "--max-batches", batches, "--validation-period", batches]
@@ -246,7 +258,7 @@ def run_family(name: str, config: str, data: Path, work: Path, args: argparse.Na
     work.mkdir(parents=True, exist_ok=True)
     row: dict[str, Any] = {"family": name, "config": config}
     config_file = work / "config.py"
-    Config(shrink(config, data, args.size)).dump(str(config_file))
+    Config(shrink(config, data, max(args.size, SIZES.get(name, 0)))).dump(str(config_file))
     try:
         init = initial_weights(config_file, work / "init.pth")
     except Exception as e:  # noqa: BLE001  (a row of the table, not a crash of the bench: the trainers say why)

@@ -106,6 +106,25 @@ def test_a_missing_extra_is_one_line(tmp_path, shapes):
     assert r.stderr.strip().splitlines()[-1] == "error: GLIP needs the transformers package: pip install transformers"
 
 
+def test_a_head_mmdet_cannot_validate_stops_before_training(tmp_path, shapes):
+    """mmdet 3.3.0's SSDHead trains but its prediction reads a loss_cls it does not have."""
+    hp = {"global_batch_size": 2, "config_file": "ssd/ssdlite_mobilenetv2-scratch_8xb24-600e_coco.py"}
+    overrides = coco_overrides(shapes, "train_dataloader.dataset.dataset")  # SSD repeats its training set
+    exp = write_experiment(
+        tmp_path, {**hp, "override_mmdet_config": overrides}, data={"classes_from_annotations": True}
+    )
+    r = det_mmdet("train", exp, "--output-dir", tmp_path / "run", "--max-batches", 1)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert (
+        r.stderr.strip()
+        .splitlines()[-1]
+        .startswith(
+            "error: model.bbox_head (SSDHead) cannot be validated with this mmdet: its prediction reads loss_cls"
+        )
+    )
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
 def test_zoo_subset_trains_and_validates(tmp_path):
     """One config per distinct path (two-stage, one-stage, DETR-like, instance masks, hook-dependent), as
     bench/zoo.py shrinks them: mmdet's own model, smaller images, one batch, then validation."""

@@ -190,6 +190,7 @@ class MMDetTrial(pytorch.PyTorchTrial):
                 raise
             package = EXTRAS.get(name, name)
             raise UserError(f"{cfg.model.get('type')} needs the {package} package: pip install {package}") from None
+        check_predictable(model)
         source = str(cfg.load_from) if cfg.get("load_from") else None
         state = weights.read_state_dict(weights.local_copy(source), source) if source else None
         weights.resolve_pretrained_inits(model, state)  # ImageNet backbones from the cache / mirror
@@ -466,6 +467,25 @@ class EarlyStopping(pytorch.PyTorchCallback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.best, self.stale = state_dict["best"], int(state_dict["stale"])
+
+
+def check_predictable(model: torch.nn.Module) -> None:
+    """Heads that mmdet trains but cannot predict with stop before training, not at the first validation.
+
+    mmdet 3.3.0's BaseDenseHead prediction reads ``loss_cls``; SSDHead has none (the Runner fails at
+    its first validation too), and Determined always validates at the end of training.
+    """
+    from mmdet.models.dense_heads.base_dense_head import BaseDenseHead
+
+    for name, module in model.named_modules():
+        if not isinstance(module, BaseDenseHead) or hasattr(module, "loss_cls"):
+            continue
+        if type(module)._predict_by_feat_single is BaseDenseHead._predict_by_feat_single:
+            raise UserError(
+                f"model.{name} ({type(module).__name__}) cannot be validated with this mmdet: its prediction reads "
+                f"loss_cls, which {type(module).__name__} does not have (mmengine's Runner fails at its first "
+                "validation too); det-mmdet validates every run, so this model is not supported"
+            )
 
 
 def count_fields(model_cfg: Any) -> str:
