@@ -32,6 +32,9 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+from throughput import initial_weights  # noqa: E402  (the sibling bench script)
+
 DET_MMDET = Path(sys.executable).parent / "det-mmdet"
 
 # family -> mmdet config (mmdet 3.3.0's names), in the order of the table.
@@ -176,23 +179,6 @@ def shrink(config: str, data: Path, size: int, val_images: int = 4) -> dict[str,
     return tree
 
 
-def initial_weights(config_file: Path, path: Path) -> Path:
-    """One random initialisation of the shrunk model, the starting point of both trainers."""
-    import torch
-    from mmdet.registry import MODELS
-    from mmdet.utils import register_all_modules
-    from mmengine.config import Config
-    from mmengine.logging import MMLogger
-
-    register_all_modules()
-    MMLogger.get_instance("bench-zoo", log_level="WARNING")
-    torch.manual_seed(0)
-    model = MODELS.build(Config.fromfile(str(config_file)).model)
-    model.init_weights()
-    torch.save({"state_dict": model.state_dict()}, path)
-    return path
-
-
 # ---- running both trainers ----------------------------------------------------------------------------
 
 
@@ -260,7 +246,7 @@ def run_family(name: str, config: str, data: Path, work: Path, args: argparse.Na
     config_file = work / "config.py"
     Config(shrink(config, data, max(args.size, SIZES.get(name, 0)))).dump(str(config_file))
     try:
-        init = initial_weights(config_file, work / "init.pth")
+        init = initial_weights(config_file, work / "init.pth")  # bench/throughput.py's: one shared start
     except Exception as e:  # noqa: BLE001  (a row of the table, not a crash of the bench: the trainers say why)
         init = work / "init.pth"
         row["init"] = f"{type(e).__name__}: {str(e).splitlines()[0][:100] if str(e) else ''}"
