@@ -58,7 +58,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output-dir", type=Path, help="default: ./runs/<name>-<time>")
     p.add_argument("--slots", type=int, default=1, help="local processes (gloo on CPU, nccl on GPU)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output-dir")
-    p.add_argument("--verbose", action="store_true")
+    p.add_argument("--verbose", action="store_true", help="also the libraries' own output (pycocotools, mmengine)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -132,6 +132,10 @@ def is_chief() -> bool:
 
 def cmd_train(args: argparse.Namespace) -> int:
     setup_logging(args.verbose)
+    if args.verbose:
+        from det_mmdet import logs
+
+        os.environ[logs.VERBOSE_ENV] = "1"  # library output too, in this process and the workers
     exp, cfg = resolve(args)
     if args.print_config:
         from det_mmdet.config import pretty_text

@@ -20,7 +20,10 @@ import torch
 from determined import pytorch
 from mmengine.dataset import pseudo_collate
 
-from det_mmdet import backends  # noqa: F401  (registers the s3, gcs and fake file backends)
+from det_mmdet import (
+    backends,  # noqa: F401  (registers the s3, gcs and fake file backends)
+    logs,
+)
 from det_mmdet.errors import UserError
 
 logger = logging.getLogger("det_mmdet")
@@ -38,7 +41,8 @@ def build_dataset(dataset_cfg: dict[str, Any], what: str):
         # Lazily, so that the audit sees the annotation file being parsed.
         dataset = DATASETS.build({**dict(dataset_cfg), "lazy_init": True})
         audit = AnnotationAudit(dataset, what) if hasattr(dataset, "parse_data_info") else None
-        dataset.full_init()
+        with logs.chatter():  # pycocotools' "loading annotations into memory..."
+            dataset.full_init()
     except FileNotFoundError as e:
         raise UserError(f"{what}: {e.strerror or 'file not found'}: {e.filename or e}") from None
     except json.JSONDecodeError as e:

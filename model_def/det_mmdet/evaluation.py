@@ -13,6 +13,7 @@ from typing import Any
 
 from determined import pytorch
 
+from det_mmdet import logs
 from det_mmdet.errors import UserError
 
 
@@ -31,6 +32,7 @@ class EvaluatorReducer(pytorch.MetricReducer):
         self.evaluator = evaluator
         self.is_chief = is_chief
         self.count_fields = count_fields  # the model config's class-count fields, for the error above
+        self.last_table = ""  # the last validation's COCO table, printed once at the end of training
         self.reset()
 
     def reset(self) -> None:
@@ -61,6 +63,7 @@ class EvaluatorReducer(pytorch.MetricReducer):
         if not self.is_chief:
             return {}
         metrics: dict[str, float] = {}
+        self.last_table = ""
         for i, metric in enumerate(self.evaluator.metrics):
             keyed: dict[Any, Any] = {}
             unkeyed: list[Any] = []
@@ -73,7 +76,9 @@ class EvaluatorReducer(pytorch.MetricReducer):
                         keyed.setdefault(key, result)  # an image seen twice (loader padding) counts once
             ordered = [keyed[k] for k in sorted(keyed)] + unkeyed
             metrics["val_images"] = float(len(ordered))
-            scores = dict(metric.compute_metrics(ordered))
+            with logs.chatter() as printed:  # pycocotools' progress lines and its table, mmengine's INFO
+                scores = dict(metric.compute_metrics(ordered))
+            self.last_table = "\n".join(filter(None, [self.last_table, logs.coco_table(printed.getvalue())]))
             scores.update({k: v for k, v in without_detections(metric, ordered).items() if k not in scores})
             for key, value in scores.items():
                 if isinstance(value, (int, float)) and not isinstance(value, bool):

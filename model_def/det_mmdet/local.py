@@ -15,6 +15,7 @@ import math
 import os
 import pathlib
 import shutil
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -74,7 +75,7 @@ class LocalTrainContext(core.DummyTrainContext):
         super().__init__()
         self.metrics_path = metrics_path
         self.bar = None
-        if show_progress:
+        if show_progress and sys.stderr.isatty():  # a log file or a web UI gets one plain line per report
             from tqdm import tqdm
 
             self.bar = tqdm(

@@ -108,6 +108,11 @@ class ValidationPoints(abc.Container):
         interval = self.intervals[bisect.bisect(self.milestones, count + 1) - 1]
         return count % interval == 0
 
+    def describe(self, unit: str) -> str:
+        pairs = zip(self.milestones, self.intervals, strict=True)
+        steps = [f"every {n} {unit}" + (f" from {at}" if at else "") for at, n in pairs]
+        return ", ".join(steps) + (f", from {unit} {self.begin} on" if self.begin > 1 else "")
+
     def __repr__(self) -> str:
         return f"ValidationPoints(begin={self.begin}, milestones={self.milestones}, intervals={self.intervals})"
 
@@ -127,16 +132,19 @@ def fit(
 ) -> None:
     if resume_at_batch:
         resume_locally(trial, context, plan, latest_checkpoint, resume_at_batch)
-        return
-    trainer = pytorch.Trainer(trial, context)
-    trainer.fit(
-        max_length=plan.max_length,
-        validation_period=plan.validation_period,
-        checkpoint_period=plan.checkpoint_period,
-        reporting_period=plan.reporting_period,
-        latest_checkpoint=latest_checkpoint,
-        checkpoint_policy=checkpoint_policy,
-    )
+    else:
+        trainer = pytorch.Trainer(trial, context)
+        trainer.fit(
+            max_length=plan.max_length,
+            validation_period=plan.validation_period,
+            checkpoint_period=plan.checkpoint_period,
+            reporting_period=plan.reporting_period,
+            latest_checkpoint=latest_checkpoint,
+            checkpoint_policy=checkpoint_policy,
+        )
+    final_report = getattr(trial, "final_report", None)
+    if final_report is not None:
+        final_report()
 
 
 def resume_locally(

@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 from determined import pytorch
 
-from det_mmdet import checkpoint, data, hooks, weights
+from det_mmdet import checkpoint, data, hooks, logs, weights
 from det_mmdet.errors import UserError
 from det_mmdet.evaluation import EvaluatorReducer
 from det_mmdet.runner import Schedule
@@ -53,19 +53,6 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
     if deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
-
-
-@contextlib.contextmanager
-def quiet_mmengine():
-    from mmengine.logging import MMLogger
-
-    mm_logger = MMLogger.get_current_instance()
-    level = mm_logger.level
-    mm_logger.setLevel(logging.WARNING)
-    try:
-        yield
-    finally:
-        mm_logger.setLevel(level)
 
 
 def split_batch(batch: dict[str, Any], parts: int) -> list[dict[str, Any]]:
@@ -131,6 +118,7 @@ class MMDetTrial(pytorch.PyTorchTrial):
         self.context = context
         self.cfg = cfg
         check_supported(cfg)
+        logs.ignore_harmless_warnings()
         checkpoint.allow_numpy_rng_state()
         init_default_scope(cfg.get("default_scope", "mmdet"))
         self.rank = context.distributed.get_rank()
@@ -172,6 +160,9 @@ class MMDetTrial(pytorch.PyTorchTrial):
             EvaluatorReducer(self._build_evaluator(cfg), self.rank == 0, count_fields(cfg.model)), for_training=False
         )
         self.hooks = self._start_hooks(built_hooks, optim_wrapper, epoch_len, plan)
+        if self.rank == 0:
+            for line in self._summary(model, slots, epoch_len, plan):
+                logger.info(line)
 
     # ---- construction --------------------------------------------------------------------------
 
@@ -195,7 +186,7 @@ class MMDetTrial(pytorch.PyTorchTrial):
         state = weights.read_state_dict(weights.local_copy(source), source) if source else None
         weights.resolve_pretrained_inits(model, state)  # ImageNet backbones from the cache / mirror
         try:
-            with quiet_mmengine():
+            with logs.quiet_mmengine():
                 model.init_weights()  # mmengine logs one INFO paragraph per parameter
         except pickle.UnpicklingError as e:  # torch's weights-only loader refused an init_cfg checkpoint
             first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
@@ -215,7 +206,8 @@ class MMDetTrial(pytorch.PyTorchTrial):
         dtype = wrapper_cfg.pop("dtype", None)
         for amp_only in ("loss_scale", "use_fsdp", "accumulative_counts"):
             wrapper_cfg.pop(amp_only, None)  # accumulative_counts -> Determined aggregation_frequency
-        built = build_optim_wrapper(model, dict(type="OptimWrapper", **wrapper_cfg))
+        with logs.quiet_mmengine(), logs.harmless_dropped():  # INFO per parameter; shared modules
+            built = build_optim_wrapper(model, dict(type="OptimWrapper", **wrapper_cfg))
         optimizer = self.context.wrap_optimizer(built.optimizer)
         built.optimizer = optimizer  # hooks read learning rates through the wrapper (RuntimeInfoHook)
 
@@ -279,8 +271,6 @@ class MMDetTrial(pytorch.PyTorchTrial):
         self.loader_hooks = hooks.LoaderHooks(switches, runner, by_epoch, in_process=workers == 0)
         if workers == 0:
             hook_set.loader_side = switches
-        if self.rank == 0 and built:
-            logger.info("hooks: %s", ", ".join(hook_set.names))
         hook_set.call("before_run")
         if self.loaded_from:
             state = {k: v.detach().clone() for k, v in checkpoint.unwrap(self.model).state_dict().items()}
@@ -290,11 +280,38 @@ class MMDetTrial(pytorch.PyTorchTrial):
     def _build_evaluator(self, cfg):
         from mmengine.evaluator import Evaluator
 
-        evaluator = Evaluator(cfg.val_evaluator)
+        with logs.chatter():  # CocoMetric reads its annotation file with pycocotools
+            evaluator = Evaluator(cfg.val_evaluator)
         evaluator.dataset_meta = self.val_set.metainfo
         return evaluator
 
     # ---- Determined hooks ----------------------------------------------------------------------
+
+    def _summary(self, model: torch.nn.Module, slots: int, epoch_len: int, plan: Schedule | None) -> list[str]:
+        """What this run will do, in a few lines (the start of every run's log)."""
+        params = sum(p.numel() for p in model.parameters())
+        shown = ", ".join(self.classes[:8]) + (f", ... ({len(self.classes)})" if len(self.classes) > 8 else "")
+        runner = self.hooks.runner
+        lines = [
+            f"config: {self.cfg.filename}",
+            f"model: {self.cfg.model.get('type')}, {params / 1e6:.2f} M parameters; classes: {shown or 'none listed'}",
+            f"data: {len(self.train_set)} training / {len(self.val_set)} validation images; {slots} slot(s) x "
+            f"{self.batch_size} images per batch, {epoch_len} batches per epoch",
+            f"length: {runner.max_iters} batches ({runner.max_epochs} epoch{'s' if runner.max_epochs != 1 else ''})",
+            f"weights: {self.loaded_from or 'initialised by the config (no load_from)'}",
+            f"hooks: {', '.join(self.hooks.names)}",
+        ]
+        if plan is not None and plan.validation_period is not None:
+            unit = "epochs" if isinstance(plan.validation_period, pytorch.Epoch) else "batches"
+            value = plan.validation_period.value
+            when = f"every {value} {unit}" if isinstance(value, int) else value.describe(unit)
+            lines[3] += f", validation {when}"
+        return lines
+
+    def final_report(self) -> None:
+        """After training, on the chief: the COCO table of the last validation (each one logs a line)."""
+        if self.rank == 0:
+            logs.print_table("COCO evaluation at the last validation:", self.reducer.last_table)
 
     def build_training_data_loader(self) -> pytorch.DataLoader:
         at_epoch = self.loader_hooks.at_epoch if self.loader_hooks else None

@@ -1,0 +1,61 @@
+"""What a run prints: a start-up summary, one line per report, the COCO table once; no library chatter."""
+
+from __future__ import annotations
+
+from conftest import det_mmdet, shapes_hparams, write_experiment
+
+NOISE = (
+    "loading annotations into memory",  # pycocotools, at every annotation file and validation
+    "index created!",
+    "DONE (t=",
+    "Evaluating bbox...",  # mmengine INFO from CocoMetric
+    "paramwise_options --",  # mmengine INFO per parameter with a paramwise rule
+    "Initialized by",  # mmengine INFO per initialised parameter
+    "It is skipped since bypass_duplicate=True",  # mmengine WARNING for modules two heads share (RTMDet)
+    "torch.cuda.amp.autocast(args...)` is deprecated",  # FutureWarning from mmdet's own layers
+    "torch.meshgrid: in an upcoming release",
+)
+TABLE_LINE = "Average Precision  (AP) @[ IoU=0.50:0.95 | area=   all | maxDets=100 ]"
+
+
+def run(tmp_path, shapes, *args, config="configs/shapes_faster_rcnn.py", **overrides):
+    exp = write_experiment(tmp_path, shapes_hparams(shapes, config, **overrides))
+    r = det_mmdet("train", exp, "--output-dir", tmp_path / "run", *args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r.stdout + r.stderr
+
+
+def test_a_run_says_what_it_does_and_nothing_else(tmp_path, shapes):
+    # AmpOptimWrapper on a CPU: a real warning of ours, which must come through.
+    out = run(
+        tmp_path, shapes, "--max-batches", 4, "--validation-period", 2, **{"optim_wrapper.type": "AmpOptimWrapper"}
+    )
+    for noise in NOISE:
+        assert noise not in out, noise
+    for line in (
+        "model: FasterRCNN, 0.86 M parameters; classes: circle, square, triangle",
+        "data: 48 training / 16 validation images; 1 slot(s) x 4 images per batch, 12 batches per epoch",
+        "length: 4 batches (1 epoch), validation every 2 batches",
+        "[validation @ batch 2] bbox_mAP=",
+        "[validation @ batch 4] bbox_mAP=",
+        "optim_wrapper.type AmpOptimWrapper: no GPU here, training in float32",
+    ):
+        assert line in out, line
+    assert out.count(TABLE_LINE) == 1  # two validations, the table of the last one at the end
+    assert out.index(TABLE_LINE) > out.index("[validation @ batch 4]")
+
+
+def test_rtmdet_keeps_its_hooks_lines_and_drops_the_known_noise(tmp_path, shapes):
+    out = run(
+        tmp_path, shapes, "--max-batches", 14, config="configs/shapes_rtmdet.py",
+        **{"custom_hooks.1.switch_epoch": 1},
+    )  # fmt: skip
+    for noise in NOISE:
+        assert noise not in out, noise
+    assert "Switch pipeline now!" in out  # what a hook says is the user's business
+    assert "hooks: RuntimeInfoHook, EMAHook, PipelineSwitchHook" in out
+
+
+def test_verbose_brings_the_library_output_back(tmp_path, shapes):
+    out = run(tmp_path, shapes, "--max-batches", 2, "--verbose")
+    assert "loading annotations into memory" in out and "Evaluating bbox..." in out
