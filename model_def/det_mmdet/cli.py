@@ -220,7 +220,7 @@ def train_local(
     with local.local_context(
         hparams, exp.config, output_dir, distributed, accumulate, keep_checkpoints=keep
     ) as context:
-        trial = MMDetTrial(context, cfg, plan)
+        trial = MMDetTrial(context, cfg, plan, output_dir)
         runner.fit(trial, context, plan, latest, checkpoint_policy="all", resume_at_batch=resume_at)
     return 0
 

@@ -71,9 +71,16 @@ class AtomicStorage(SharedFSStorageManager):
 class LocalTrainContext(core.DummyTrainContext):
     """Writes each report to ``metrics.jsonl`` and keeps a progress bar (chief only)."""
 
-    def __init__(self, metrics_path: pathlib.Path, show_progress: bool) -> None:
+    def __init__(
+        self, metrics_path: pathlib.Path, show_progress: bool, tensorboard_dir: pathlib.Path | None = None
+    ) -> None:
         super().__init__()
         self.metrics_path = metrics_path
+        self.writer = None  # the same scalars for TensorBoard, next to the validation pictures
+        if tensorboard_dir is not None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(tensorboard_dir))
         self.bar = None
         if show_progress and sys.stderr.isatty():  # a log file or a web UI gets one plain line per report
             from tqdm import tqdm
@@ -98,6 +105,11 @@ class LocalTrainContext(core.DummyTrainContext):
         }
         with self.metrics_path.open("a") as f:
             f.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            for key, value in values.items():
+                if isinstance(value, (int, float)):
+                    self.writer.add_scalar(f"{group}/{key}", value, record["batches"])
+            self.writer.flush()
         shown = {k: v for k, v in values.items() if k in ("loss", "lr", "bbox_mAP", "segm_mAP")}
         line = f"[{group} @ batch {record['batches']}] " + " ".join(f"{k}={v:.4g}" for k, v in shown.items())
         if self.bar is not None:
@@ -117,6 +129,8 @@ class LocalTrainContext(core.DummyTrainContext):
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+        if self.writer is not None:
+            self.writer.close()
 
 
 def _number(value: Any) -> Any:
@@ -142,7 +156,8 @@ def local_context(
     storage_dir = output_dir / "checkpoints"
     storage_dir.mkdir(parents=True, exist_ok=True)
     chief = distributed.get_rank() == 0
-    train = LocalTrainContext(output_dir / "metrics.jsonl", show_progress and chief)
+    tensorboard = output_dir / "tensorboard" if chief else None
+    train = LocalTrainContext(output_dir / "metrics.jsonl", show_progress and chief, tensorboard)
     core_context = core.Context(
         checkpoint=core.DummyCheckpointContext(distributed, AtomicStorage(storage_dir, keep_checkpoints)),
         distributed=distributed,

@@ -21,6 +21,7 @@ import logging
 import pickle
 import random
 import re
+from pathlib import Path
 from typing import Any
 
 import determined as det
@@ -29,7 +30,7 @@ import torch
 import torch.distributed as dist
 from determined import pytorch
 
-from det_mmdet import checkpoint, data, hooks, logs, weights
+from det_mmdet import checkpoint, data, hooks, logs, pictures, weights
 from det_mmdet.errors import UserError
 from det_mmdet.evaluation import EvaluatorReducer
 from det_mmdet.runner import Schedule
@@ -112,11 +113,18 @@ def revert_sync_batchnorm(model: torch.nn.Module, slots: int, device: torch.devi
 
 
 class MMDetTrial(pytorch.PyTorchTrial):
-    def __init__(self, context: pytorch.PyTorchTrialContext, cfg, plan: Schedule | None = None) -> None:
+    def __init__(
+        self,
+        context: pytorch.PyTorchTrialContext,
+        cfg,
+        plan: Schedule | None = None,
+        output_dir: Path | None = None,
+    ) -> None:
         from mmengine.registry import init_default_scope
 
         self.context = context
         self.cfg = cfg
+        self.output_dir = output_dir  # a local run's directory (pictures, TensorBoard); None on a cluster
         check_supported(cfg)
         logs.ignore_harmless_warnings()
         checkpoint.allow_numpy_rng_state()
@@ -421,12 +429,17 @@ class MMDetTrial(pytorch.PyTorchTrial):
         return {}
 
     def build_callbacks(self) -> dict[str, pytorch.PyTorchCallback]:
-        # The hooks' callback first: validation swaps EMA weights in before other callbacks see metrics.
+        # Pictures first: at a validation's end they draw with the validated (EMA) weights, which the
+        # hooks' callback then swaps back.
+        callbacks: dict[str, pytorch.PyTorchCallback] = {}
+        count = int(self.context.get_hparams().get("validation_pictures", 4))
+        if count > 0:
+            tensorboard = self.output_dir / "tensorboard" if self.output_dir else self.context.get_tensorboard_path()
+            png = self.output_dir / "vis" if self.output_dir else None
+            callbacks["validation_pictures"] = pictures.ValidationPictures(self, tensorboard, png, count, self.seed)
         hook_state = hooks.HooksCallback(self.hooks, self.model, self.train_set.metainfo)
-        callbacks: dict[str, pytorch.PyTorchCallback] = {
-            "mmdet_hooks": hook_state,
-            "mmdet_export": checkpoint.ExportOnCheckpoint(self, hook_state),
-        }
+        callbacks["mmdet_hooks"] = hook_state
+        callbacks["mmdet_export"] = checkpoint.ExportOnCheckpoint(self, hook_state)
         searcher_metric = (self.context.get_experiment_config().get("searcher") or {}).get("metric")
         if searcher_metric:
             callbacks["searcher_metric"] = SearcherMetricCheck(str(searcher_metric))

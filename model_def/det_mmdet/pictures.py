@@ -1,0 +1,82 @@
+"""Validation pictures: a few fixed validation images with ground truth and predictions, at every validation.
+
+mmdet's ``DetLocalVisualizer`` draws them (boxes, masks, class names, scores) with the weights that
+were just validated (EMA ones included); they go to TensorBoard under Determined's tensorboard path on a
+cluster (the trial's TensorBoard in the web UI, ``det tensorboard start``) and, locally, to
+``OUTPUT/tensorboard/`` and as PNG under ``OUTPUT/vis/<batches>/``. The images are a seeded choice, the
+same at every validation, so the pictures show how the predictions change.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from pathlib import Path
+from typing import Any
+
+import torch
+from determined import pytorch
+
+logger = logging.getLogger("det_mmdet")
+
+
+class ValidationPictures(pytorch.PyTorchCallback):
+    """Draws ``count`` validation images after each validation (chief only)."""
+
+    def __init__(self, trial: Any, tensorboard_dir: Path, png_dir: Path | None, count: int, seed: int = 0) -> None:
+        self.trial, self.tensorboard_dir, self.png_dir = trial, Path(tensorboard_dir), png_dir
+        size = len(trial.val_set)
+        self.indices = sorted(random.Random(seed).sample(range(size), min(count, size)))
+        self.writer = None
+        self.visualizer = None
+
+    def on_validation_end(self, metrics: dict[str, Any]) -> None:
+        if self.trial.rank != 0 or not self.indices:
+            return
+        from mmcv import imwrite
+
+        step = self.trial.hooks.runner.iter
+        for name, drawn in self.draw():
+            self._writer().add_image(f"validation/{name}", drawn, global_step=step, dataformats="HWC")
+            if self.png_dir is not None:
+                imwrite(drawn[..., ::-1], str(self.png_dir / str(step) / f"{Path(name).stem}.png"))
+        self._writer().flush()
+
+    @torch.no_grad()
+    def draw(self) -> list[tuple[str, Any]]:
+        """``(image file name, RGB picture)`` for each chosen image, predicted by the current weights."""
+        from mmcv import imread
+        from mmengine.dataset import pseudo_collate
+
+        from det_mmdet.checkpoint import unwrap
+
+        model = unwrap(self.trial.model)
+        visualizer = self._visualizer()
+        drawn = []
+        for index in self.indices:
+            batch = pseudo_collate([self.trial.val_set[index]])
+            (sample,) = model(**model.data_preprocessor(batch, False), mode="predict")
+            image = imread(sample.img_path, channel_order="rgb")
+            name = Path(sample.img_path).name
+            visualizer.add_datasample(name, image, data_sample=sample, draw_gt=True, pred_score_thr=0.3, show=False)
+            drawn.append((name, visualizer.get_image()))
+        return drawn
+
+    def _visualizer(self):
+        if self.visualizer is None:
+            from mmdet.visualization import DetLocalVisualizer
+
+            self.visualizer = DetLocalVisualizer(name="det_mmdet_validation_pictures")
+            self.visualizer.dataset_meta = self.trial.val_set.metainfo
+        return self.visualizer
+
+    def _writer(self):
+        if self.writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(self.tensorboard_dir))
+        return self.writer
+
+    def on_trial_shutdown(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
