@@ -3,6 +3,7 @@
     det-mmdet train EXPERIMENT.yaml --print-config [--set key=value ...]
     det-mmdet train EXPERIMENT.yaml [--max-batches N | --max-epochs N] [--validation-period N]
         [--checkpoint-period N] [--output-dir DIR] [--slots K] [--resume] [--set key=value ...]
+    det-mmdet compose model=rtmdet data=custom searcher=asha [key=value ...] [-o exp.yaml] [--submit]
     det-mmdet demo
 
 Bad input ends with one line ``error: ...`` on stderr and exit status 2.
@@ -89,6 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--images", type=Path, required=True, help="image folder (file_name is relative to it)")
     evaluate.add_argument("--out", type=Path, help="also write metrics.json and per_class_ap.md here")
     evaluate.set_defaults(func=cmd_evaluate)
+    compose = sub.add_parser("compose", help="a Determined experiment from config groups (experiments/hydra/)")
+    compose.add_argument("overrides", nargs="*", metavar="GROUP=OPTION|KEY=VALUE")
+    compose.add_argument("-o", "--out", type=Path, help="write the experiment YAML here instead of printing it")
+    compose.add_argument("--submit", action="store_true", help="create it on the master named by DET_MASTER")
+    compose.set_defaults(func=cmd_compose)
     convert = sub.add_parser("convert", help="Pascal VOC XML, KITTI or YOLO labels to a COCO annotation file")
     convert.add_argument("format", choices=("voc", "kitti", "yolo"))
     convert.add_argument("src", type=Path, help="folder of label files")
@@ -292,6 +298,18 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from det_mmdet.export import evaluate
 
     evaluate(args.model, args.ann, args.images, args.out)
+    return 0
+
+
+def cmd_compose(args: argparse.Namespace) -> int:
+    from det_mmdet.compose import compose_experiment, submit, write
+
+    experiment = compose_experiment(list(args.overrides))
+    text = write(experiment, args.out)
+    if args.out is None:
+        print(text, end="")
+    if args.submit:
+        print(f"created experiment {submit(experiment)}")
     return 0
 
 
