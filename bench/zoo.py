@@ -1,7 +1,7 @@
 """The model zoo on a CPU: mmdet's own configs under ``det-mmdet train`` and under mmengine's Runner.
 
 For each family below, mmdet's config is loaded and shrunk only in what a CPU needs: every image size
-in the pipelines and batch augments scaled so the largest training size is ``--size`` px, 2 images per
+in the pipelines and batch augments scaled by one factor, so the test-time size is ``--size`` px, 2 images per
 batch, 4 validation images, no loader workers. The datasets point at a drawn-shapes set (``make_shapes``)
 with its 3 classes set everywhere the model counts classes. ImageNet ``init_cfg`` checkpoints are
 dropped: both trainers start from one random initialisation made here and given as ``load_from``
@@ -62,7 +62,7 @@ FAMILIES = {
     "Soft Teacher": "soft_teacher/soft-teacher_faster-rcnn_r50-caffe_fpn_180k_semi-0.1-coco.py",
 }
 # Families that need larger images than --size: DINO selects 900 queries from its encoder's tokens.
-SIZES = {"DINO": 320}
+SIZES = {"DINO": 480}
 SIZE_KEYS = ("scale", "img_scale", "crop_size", "size", "scales", "random_size_range", "border")
 
 RUNNER = """
@@ -155,7 +155,8 @@ def shrink(config: str, data: Path, size: int, val_images: int = 4) -> dict[str,
 
     tree = Config.fromfile(str(locate(config, "config_file", [], packaged=True))).to_dict()
     names = [c["name"] for c in json.loads((data / "annotations" / "train.json").read_text())["categories"]]
-    largest = max(_sizes(tree.get("train_dataloader")) or [size])
+    # The test-time size is the reference (DETR's training scales reach 4200 px for its crop branch).
+    largest = max(_sizes(tree.get("val_dataloader")) or _sizes(tree.get("train_dataloader")) or [size])
     for node in (tree.get("train_dataloader"), tree.get("val_dataloader"), tree.get("test_dataloader")):
         _scale_sizes(node, size / largest)
     _scale_sizes((tree.get("model") or {}).get("data_preprocessor"), size / largest)  # batch augments
@@ -288,7 +289,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--only", help="comma-separated family names or config stems (default: all)")
     parser.add_argument("--batches", type=int, default=2)
-    parser.add_argument("--size", type=int, default=192, help="largest training image side, px")
+    parser.add_argument("--size", type=int, default=192, help="test-time image side, px (every size scales with it)")
     parser.add_argument("--trainers", default="ours,runner", help="ours, runner or both (comma-separated)")
     parser.add_argument("--work", type=Path, help="keep configs, weights and outputs here (default: a temp dir)")
     args = parser.parse_args()
