@@ -92,3 +92,33 @@ def test_mask_rcnn_predictions_carry_rle_masks_and_evaluate_reports_segm(tmp_pat
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert {"bbox_mAP", "segm_mAP"} <= set(metrics)
     assert "Evaluate annotation type *segm*" in r.stdout + r.stderr
+
+
+def test_evaluate_scores_a_results_file_without_a_model(tmp_path, shapes):
+    """Every ground-truth box as a detection scores AP 1; the same boxes shifted score less."""
+    import json
+
+    ann = shapes / "annotations" / "val.json"
+    gt = json.loads(ann.read_text())["annotations"]
+    perfect = [
+        {"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 1.0} for a in gt
+    ]
+    (tmp_path / "perfect.json").write_text(json.dumps(perfect))
+    r = det_mmdet("evaluate", "--results", tmp_path / "perfect.json", "--ann", ann, "--out", tmp_path / "p")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.count("Average Precision  (AP) @[") == 6 and "loading annotations" not in r.stdout
+    metrics = json.loads((tmp_path / "p" / "metrics.json").read_text())
+    assert metrics["bbox_mAP"] == 1.0 and metrics["bbox_mAP_50"] == 1.0
+    assert "| circle | 1.000 |" in (tmp_path / "p" / "per_class_ap.md").read_text()
+
+    shifted = [{**d, "bbox": [d["bbox"][0] + d["bbox"][2] / 4, *d["bbox"][1:]]} for d in perfect]
+    (tmp_path / "shifted.json").write_text(json.dumps(shifted))
+    r = det_mmdet("evaluate", "--results", tmp_path / "shifted.json", "--ann", ann, "--out", tmp_path / "s")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert 0 < json.loads((tmp_path / "s" / "metrics.json").read_text())["bbox_mAP"] < 1.0
+
+    (tmp_path / "stray.json").write_text(json.dumps([{**perfect[0], "image_id": 99999}]))
+    r = det_mmdet("evaluate", "--results", tmp_path / "stray.json", "--ann", ann)
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith(
+        f"error: --results {tmp_path / 'stray.json'}: image_id 99999 is not in {ann}"
+    )

@@ -84,10 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--out", type=Path, required=True)
     predict.add_argument("--score-thr", type=float, default=0.3)
     predict.set_defaults(func=cmd_predict)
-    evaluate = sub.add_parser("evaluate", help="COCO AP/AR of a model on a labelled set")
-    evaluate.add_argument("model", type=Path, help="a model directory (det-mmdet export) or checkpoint")
+    evaluate = sub.add_parser("evaluate", help="COCO AP/AR of a model, or of a results file, on a labelled set")
+    evaluate.add_argument("model", type=Path, nargs="?", help="a model directory (det-mmdet export) or checkpoint")
     evaluate.add_argument("--ann", type=Path, required=True, help="COCO annotation file")
-    evaluate.add_argument("--images", type=Path, required=True, help="image folder (file_name is relative to it)")
+    evaluate.add_argument("--images", type=Path, help="image folder (file_name is relative to it); with a model")
+    evaluate.add_argument("--results", type=Path, help="a COCO results file to score instead of a model")
     evaluate.add_argument("--out", type=Path, help="also write metrics.json and per_class_ap.md here")
     evaluate.set_defaults(func=cmd_evaluate)
     compose = sub.add_parser("compose", help="a Determined experiment from config groups (experiments/hydra/)")
@@ -295,8 +296,15 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     setup_logging()
-    from det_mmdet.export import evaluate
+    from det_mmdet.export import evaluate, evaluate_results
 
+    if args.results is not None:
+        if args.model is not None:
+            raise UserError("evaluate: give a model or --results, not both")
+        evaluate_results(args.results, args.ann, args.out)
+        return 0
+    if args.model is None or args.images is None:
+        raise UserError("evaluate: give a model and --images, or --results")
     evaluate(args.model, args.ann, args.images, args.out)
     return 0
 

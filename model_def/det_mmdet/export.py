@@ -219,6 +219,54 @@ def evaluate(model_dir: Path, ann: Path, images: Path, out: Path | None = None, 
     return scores
 
 
+STATS = ("mAP", "mAP_50", "mAP_75", "mAP_s", "mAP_m", "mAP_l")  # the first six of pycocotools' stats
+
+
+def evaluate_results(results: Path, ann: Path, out: Path | None = None) -> dict[str, float]:
+    """COCO AP/AR of a results file (``image_id, category_id, bbox, score`` [+ ``segmentation``]), no model."""
+    import numpy as np
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    from det_mmdet import logs
+
+    for thing, path in (("--results", results), ("--ann", ann)):
+        if not path.is_file():
+            raise UserError(f"{thing} {path} does not exist")
+    try:
+        detections = json.loads(results.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"--results {results} is not valid JSON ({e.msg}, line {e.lineno})") from None
+    if not isinstance(detections, list) or not detections:
+        raise UserError(f"--results {results}: expected a non-empty list of COCO detections")
+    with logs.chatter():
+        gt = COCO(str(ann))
+    unknown = sorted({d.get("image_id") for d in detections} - set(gt.getImgIds()), key=str)
+    if unknown:
+        raise UserError(f"--results {results}: image_id {unknown[0]} is not in {ann} ({len(unknown)} unknown ids)")
+    names = {c["id"]: c["name"] for c in gt.loadCats(gt.getCatIds())}
+    kinds = ["bbox"] + (["segm"] if all("segmentation" in d for d in detections) else [])
+    scores: dict[str, float] = {}
+    for kind in kinds:
+        with logs.chatter():
+            evaluation = COCOeval(gt, gt.loadRes(detections), kind)
+            evaluation.evaluate()
+            evaluation.accumulate()
+        print(f"{kind}:")
+        evaluation.summarize()  # the 12-line table, as pycocotools prints it
+        scores.update({f"{kind}_{name}": float(evaluation.stats[i]) for i, name in enumerate(STATS)})
+        precision = evaluation.eval["precision"]  # [iou, recall, class, area, max dets]
+        for k, cat in enumerate(evaluation.params.catIds):
+            values = precision[:, :, k, 0, -1]
+            values = values[values > -1]
+            scores[f"{names[cat]}_precision"] = float(np.mean(values)) if values.size else float("nan")
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "metrics.json").write_text(json.dumps(scores, indent=1))
+        write_per_class(out / "per_class_ap.md", scores, list(names.values()))
+    return scores
+
+
 def _number(value: Any) -> bool:
     try:
         float(value)
