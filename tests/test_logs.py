@@ -59,3 +59,31 @@ def test_rtmdet_keeps_its_hooks_lines_and_drops_the_known_noise(tmp_path, shapes
 def test_verbose_brings_the_library_output_back(tmp_path, shapes):
     out = run(tmp_path, shapes, "--max-batches", 2, "--verbose")
     assert "loading annotations into memory" in out and "Evaluating bbox..." in out
+
+
+def test_a_cluster_log_gets_one_plain_line_per_report_and_validation():
+    """On a cluster there is no terminal and no local metrics file: the chief logs each report."""
+    import logging
+    from types import SimpleNamespace
+
+    from det_mmdet.trial import ClusterReportLines
+
+    runner = SimpleNamespace(iter=250, max_iters=1000)
+    callback = ClusterReportLines(SimpleNamespace(hooks=SimpleNamespace(runner=runner)))
+    seen: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    log = logging.getLogger("det_mmdet")
+    log.addHandler(handler)
+    level, log.level = log.level, logging.INFO
+    try:
+        callback.on_training_workload_end({"loss": 1.23456, "lr": 0.02, "loss_cls": 0.5}, [])
+        runner.iter = 1000
+        callback.on_validation_end({"bbox_mAP": 0.4321, "val_images": 50.0, "bbox_mAP_50": 0.6})
+    finally:
+        log.removeHandler(handler)
+        log.level = level
+    assert seen == [
+        "[training @ batch 250/1000, 25%] loss=1.235 lr=0.02",
+        "[validation @ batch 1000/1000, 100%] bbox_mAP=0.4321",
+    ]

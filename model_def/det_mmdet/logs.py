@@ -15,7 +15,8 @@ import io
 import logging
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 VERBOSE_ENV = "DET_MMDET_VERBOSE"
 
@@ -85,6 +86,33 @@ def ignore_harmless_warnings() -> None:
 
     for category, message, module in HARMLESS_WARNINGS:
         warnings.filterwarnings("ignore", message=message, category=category, module=module)
+
+
+class ReportLines:
+    """One plain log line per training report and per validation, for a cluster's log (no terminal there).
+
+    A ``PyTorchCallback`` (built by the trial, chief only); local runs print their lines themselves.
+    ``progress()`` gives ``(batches done, batches in all)``.
+    """
+
+    def __init__(self, progress: Callable[[], tuple[int, int]]) -> None:
+        self.progress = progress
+
+    def line(self, group: str, metrics: dict[str, Any]) -> str:
+        done, total = self.progress()
+        shown = " ".join(f"{k}={float(v):.4g}" for k, v in metrics.items() if k in SHOWN and _is_number(v))
+        return f"[{group} @ batch {done}/{total}, {100 * done / max(total, 1):.0f}%] {shown}".rstrip()
+
+
+SHOWN = ("loss", "lr", "bbox_mAP", "segm_mAP")
+
+
+def _is_number(value: Any) -> bool:
+    try:
+        float(value)
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 def coco_table(text: str) -> str:

@@ -440,6 +440,8 @@ class MMDetTrial(pytorch.PyTorchTrial):
         hook_state = hooks.HooksCallback(self.hooks, self.model, self.train_set.metainfo)
         callbacks["mmdet_hooks"] = hook_state
         callbacks["mmdet_export"] = checkpoint.ExportOnCheckpoint(self, hook_state)
+        if self.output_dir is None and self.rank == 0:  # a cluster: its log gets a plain line per report
+            callbacks["report_lines"] = ClusterReportLines(self)
         searcher_metric = (self.context.get_experiment_config().get("searcher") or {}).get("metric")
         if searcher_metric:
             callbacks["searcher_metric"] = SearcherMetricCheck(str(searcher_metric))
@@ -451,6 +453,20 @@ class MMDetTrial(pytorch.PyTorchTrial):
             patience = int(hparams.get("early_stopping_patience", 3))
             callbacks["early_stopping"] = EarlyStopping(self.context, metric, patience)
         return callbacks
+
+
+class ClusterReportLines(pytorch.PyTorchCallback):
+    """``logs.ReportLines`` as a callback: a line per training report and per validation."""
+
+    def __init__(self, trial: MMDetTrial) -> None:
+        runner = trial.hooks.runner
+        self.lines = logs.ReportLines(lambda: (runner.iter, runner.max_iters))
+
+    def on_training_workload_end(self, avg_metrics: dict[str, Any], batch_metrics: Any) -> None:
+        logger.info(self.lines.line("training", avg_metrics))
+
+    def on_validation_end(self, metrics: dict[str, Any]) -> None:
+        logger.info(self.lines.line("validation", metrics))
 
 
 class SearcherMetricCheck(pytorch.PyTorchCallback):
