@@ -62,7 +62,7 @@ def write_checkpoint_files(
     evaluates and publishes), the trained ones kept in ``ema_state_dict``.
     """
     meta = {k: dataset_meta[k] for k in ("classes", "palette") if k in dataset_meta}
-    saved = {k: _cpu(v) for k, v in checkpoint.items() if k != "meta"}
+    saved = {k: to_cpu(v) for k, v in checkpoint.items() if k != "meta"}
     saved["meta"] = plain(
         {**{k: v for k, v in checkpoint["meta"].items() if k != "dataset_meta"}, "dataset_meta": meta}
     )
@@ -80,11 +80,14 @@ def weights_kind(saved: dict[str, Any]) -> str:
     return "the trained weights"
 
 
-def _cpu(value: Any) -> Any:
+def to_cpu(value: Any) -> Any:
+    """Tensors (inside dicts, lists and tuples too) detached and on the CPU."""
     if torch.is_tensor(value):
         return value.detach().cpu()
     if isinstance(value, dict):
-        return {k: _cpu(v) for k, v in value.items()}
+        return {k: to_cpu(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(to_cpu(v) for v in value)
     return value
 
 

@@ -324,12 +324,12 @@ class HooksCallback(pytorch.PyTorchCallback):
         return saved if saved is not None else self.hooks.checkpoint(self.model, self.dataset_meta)
 
     def state_dict(self) -> dict[str, Any]:
-        from det_mmdet.checkpoint import unwrap
+        from det_mmdet.checkpoint import to_cpu, unwrap
 
         checkpoint = self.saved = self.hooks.checkpoint(self.model, self.dataset_meta)
         own = unwrap(self.model).state_dict()
         replaced = {k: v.cpu() for k, v in checkpoint["state_dict"].items() if not _same(v, own.get(k))}
-        added = {k: _to_cpu(v) for k, v in checkpoint.items() if k not in ("meta", "state_dict")}
+        added = {k: to_cpu(v) for k, v in checkpoint.items() if k not in ("meta", "state_dict")}
         return {"meta": {k: checkpoint["meta"][k] for k in ("epoch", "iter")}, "replaced": replaced, "added": added}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -359,16 +359,6 @@ class HooksCallback(pytorch.PyTorchCallback):
 
 def _same(a: Any, b: Any) -> bool:
     return a is b or (torch.is_tensor(a) and torch.is_tensor(b) and a.data_ptr() == b.data_ptr())
-
-
-def _to_cpu(value: Any) -> Any:
-    if torch.is_tensor(value):
-        return value.detach().cpu()
-    if isinstance(value, dict):
-        return {k: _to_cpu(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_to_cpu(v) for v in value)
-    return value
 
 
 class LoaderHooks:
