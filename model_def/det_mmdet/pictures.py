@@ -20,6 +20,14 @@ from determined import pytorch
 logger = logging.getLogger("det_mmdet")
 
 
+def image_backend_args(dataset_cfg: Any) -> dict[str, Any] | None:
+    """The ``backend_args`` the validation pipeline loads images with (S3, GCS, local)."""
+    for step in dataset_cfg.get("pipeline") or []:
+        if "LoadImageFromFile" in str(step.get("type", "")):
+            return step.get("backend_args")
+    return dataset_cfg.get("backend_args")
+
+
 class ValidationPictures(pytorch.PyTorchCallback):
     """Draws ``count`` validation images after each validation (chief only)."""
 
@@ -45,18 +53,21 @@ class ValidationPictures(pytorch.PyTorchCallback):
     @torch.no_grad()
     def draw(self) -> list[tuple[str, Any]]:
         """``(image file name, RGB picture)`` for each chosen image, predicted by the current weights."""
-        from mmcv import imread
+        from mmcv import imfrombytes
         from mmengine.dataset import pseudo_collate
+        from mmengine.fileio import get
 
         from det_mmdet.checkpoint import unwrap
 
         model = unwrap(self.trial.model)
         visualizer = self._visualizer()
+        backend_args = image_backend_args(self.trial.cfg.val_dataloader.dataset)
         drawn = []
         for index in self.indices:
             batch = pseudo_collate([self.trial.val_set[index]])
             (sample,) = model(**model.data_preprocessor(batch, False), mode="predict")
-            image = imread(sample.img_path, channel_order="rgb")
+            # The original image, read as the pipeline reads it (a bucket key under file_client_args too).
+            image = imfrombytes(get(sample.img_path, backend_args=backend_args), channel_order="rgb")
             name = Path(sample.img_path).name
             visualizer.add_datasample(name, image, data_sample=sample, draw_gt=True, pred_score_thr=0.3, show=False)
             drawn.append((name, visualizer.get_image()))
