@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from conftest import det_mmdet, shapes_hparams, write_experiment
+from conftest import det_mmdet, read_metrics, shapes_hparams, write_experiment
 
 
 def event_data(directory):
@@ -39,3 +39,19 @@ def test_no_pictures_when_turned_off(tmp_path, shapes):
     assert not (out / "vis").exists()
     images, scalars = event_data(out / "tensorboard")
     assert not images and "validation/bbox_mAP" in scalars
+
+
+def test_drawing_leaves_the_training_randomness_alone(tmp_path, shapes):
+    """mmdet's visualizer jitters mask colours with numpy's global RNG; with pictures on or off, training
+    draws the same flips."""
+    losses = {}
+    for count in (0, 2):
+        hparams = {**shapes_hparams(shapes, "configs/shapes_mask_rcnn.py"), "validation_pictures": count}
+        exp = write_experiment(tmp_path, hparams, name=f"{count}.yaml")
+        out = tmp_path / f"run{count}"
+        r = det_mmdet(
+            "train", exp, "--output-dir", out, "--max-batches", 4, "--validation-period", 2, "--report-period", 1
+        )
+        assert r.returncode == 0, r.stderr[-3000:]
+        losses[count] = [x["metrics"]["loss"] for x in read_metrics(out) if x["group"] == "training"]
+    assert losses[0] == losses[2]  # batches 3 and 4 come after a validation that drew pictures

@@ -9,8 +9,10 @@ same at every validation, so the pictures show how the predictions change.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +20,20 @@ import torch
 from determined import pytorch
 
 logger = logging.getLogger("det_mmdet")
+
+
+@contextlib.contextmanager
+def random_state_kept() -> Iterator[None]:
+    """Python's, numpy's and torch's global random states as they were before the block."""
+    import numpy as np
+
+    states = random.getstate(), np.random.get_state(), torch.random.get_rng_state()
+    try:
+        yield
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.random.set_rng_state(states[2])
 
 
 def image_backend_args(dataset_cfg: Any) -> dict[str, Any] | None:
@@ -44,7 +60,9 @@ class ValidationPictures(pytorch.PyTorchCallback):
         from mmcv import imwrite
 
         step = self.trial.hooks.runner.iter
-        for name, drawn in self.draw():
+        with random_state_kept():  # mmdet's visualizer reseeds numpy; training's augmentations must not notice
+            pictures = self.draw()
+        for name, drawn in pictures:
             self._writer().add_image(f"validation/{name}", drawn, global_step=step, dataformats="HWC")
             if self.png_dir is not None:
                 imwrite(drawn[..., ::-1], str(self.png_dir / str(step) / f"{Path(name).stem}.png"))
