@@ -83,6 +83,7 @@ def test_faulty_store_every_image_read_once_and_retries_logged(tmp_path, shapes)
                 os.environ.pop(key, None)
         hparams = shapes_hparams(shapes)
         hparams["override_mmdet_config"]["data_root"] = "shapes/"
+        hparams["validation_pictures"] = 0  # the training and validation reads only: pictures read 4 images again
         exp = write_experiment(tmp_path, hparams, data={"file_client_args": {
             "backend": "s3", "bucket_name": "faulty", "backoff_s": 0.01}})  # fmt: skip
         with Proxy(s3, rule) as proxy:
