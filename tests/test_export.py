@@ -91,7 +91,8 @@ def test_mask_rcnn_predictions_carry_rle_masks_and_evaluate_reports_segm(tmp_pat
     assert r.returncode == 0, r.stderr[-2000:]
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert {"bbox_mAP", "segm_mAP"} <= set(metrics)
-    assert "Evaluate annotation type *segm*" in r.stdout + r.stderr
+    assert "segm:\n Average Precision  (AP) @[ IoU=0.50:0.95 | area=   all | maxDets=100 ]" in r.stdout
+    assert "| class | bbox AP | segm AP |" in (tmp_path / "eval" / "per_class_ap.md").read_text()
 
 
 def test_evaluate_scores_a_results_file_without_a_model(tmp_path, shapes):

@@ -4,23 +4,28 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from conftest import det_mmdet, shapes_hparams, write_experiment
 
 
-def test_a_validation_without_detections_reports_zero_ap_not_nothing(shapes):
+@pytest.mark.parametrize("backend", ["faster-coco-eval", "pycocotools"])
+def test_a_validation_without_detections_reports_zero_ap_not_nothing(shapes, backend):
     """mmdet's CocoMetric reports no score at all then, and a cluster trial would die for it."""
     from mmdet.structures import DetDataSample
     from mmengine.evaluator import Evaluator
     from mmengine.registry import init_default_scope
     from mmengine.structures import InstanceData
 
+    from det_mmdet.coco import with_backend
     from det_mmdet.evaluation import EvaluatorReducer
 
     init_default_scope("mmdet")
     ann = shapes / "annotations" / "val.json"
-    evaluator = Evaluator({"type": "CocoMetric", "ann_file": str(ann), "metric": ["bbox", "segm"]})
+    evaluator = Evaluator(
+        with_backend({"type": "CocoMetric", "ann_file": str(ann), "metric": ["bbox", "segm"]}, backend)
+    )
     evaluator.dataset_meta = {"classes": ("circle", "square", "triangle")}
     reducer = EvaluatorReducer(evaluator, True)
     for image in json.loads(ann.read_text())["images"]:

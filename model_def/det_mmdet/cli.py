@@ -90,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--images", type=Path, help="image folder (file_name is relative to it); with a model")
     evaluate.add_argument("--results", type=Path, help="a COCO results file to score instead of a model")
     evaluate.add_argument("--out", type=Path, help="also write metrics.json and per_class_ap.md here")
+    evaluate.add_argument(
+        "--coco-backend", choices=("faster-coco-eval", "pycocotools"), help="COCOeval to score with (faster-coco-eval)"
+    )
     evaluate.set_defaults(func=cmd_evaluate)
     compose = sub.add_parser("compose", help="a Determined experiment from config groups (experiments/hydra/)")
     compose.add_argument("overrides", nargs="*", metavar="GROUP=OPTION|KEY=VALUE")
@@ -301,11 +304,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.results is not None:
         if args.model is not None:
             raise UserError("evaluate: give a model or --results, not both")
-        evaluate_results(args.results, args.ann, args.out)
+        evaluate_results(args.results, args.ann, args.out, args.coco_backend)
         return 0
     if args.model is None or args.images is None:
         raise UserError("evaluate: give a model and --images, or --results")
-    evaluate(args.model, args.ann, args.images, args.out)
+    evaluate(args.model, args.ann, args.images, args.out, backend=args.coco_backend)
     return 0
 
 

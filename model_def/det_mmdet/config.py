@@ -326,6 +326,7 @@ DATA_KEYS = (
     "cache_max_gb",
     "annotation_cache_dir",
     "classes_from_annotations",
+    "coco_backend",
 )
 CACHE_KEYS = ("cache_dir", "cache_max_gb", "annotation_cache_dir")
 
@@ -561,6 +562,10 @@ def build_config(exp: Experiment, sets: Mapping[str, Any] | None = None):
             tree["data_root"] = new_root = new_root + "/"
         rebase_data_root(tree, data_root, new_root)
 
+    if "coco_backend" in exp.data:
+        from det_mmdet.coco import check_backend
+
+        check_backend(exp.data["coco_backend"])
     backend_args = backend_args_from_data(exp.data, tree.get("data_root"))
     if backend_args is not None or exp.data.get("backend_args") or exp.data.get("file_client_args"):
         substitute_backend_args(tree, backend_args)

@@ -2,7 +2,8 @@
 
 Each slot runs ``metric.process`` on its own batches in ``evaluate_batch``; the per-image results
 are gathered through a Determined ``MetricReducer``, deduplicated by image id, put back in dataset
-order and scored once on the chief with ``metric.compute_metrics``. (An mmengine ``Evaluator``
+order and scored once on the chief with ``metric.compute_metrics`` (mmdet's CocoMetric through
+:mod:`det_mmdet.coco`). (An mmengine ``Evaluator``
 gathering on its own would hang: Determined runs full-dataset evaluation on the chief alone.)
 """
 
@@ -14,6 +15,7 @@ from typing import Any
 from determined import pytorch
 
 from det_mmdet import logs
+from det_mmdet.coco import class_table
 from det_mmdet.errors import UserError
 
 
@@ -78,47 +80,12 @@ class EvaluatorReducer(pytorch.MetricReducer):
             metrics["val_images"] = float(len(ordered))
             with logs.chatter() as printed:  # pycocotools' progress lines and its table, mmengine's INFO
                 scores = dict(metric.compute_metrics(ordered))
-            self.last_table = "\n".join(filter(None, [self.last_table, logs.coco_table(printed.getvalue())]))
-            scores.update({k: v for k, v in without_detections(metric, ordered).items() if k not in scores})
+            tables = getattr(metric, "tables", None) or [logs.coco_table(printed.getvalue())]
+            if getattr(metric, "class_ap", None):
+                tables.append("AP per class:\n" + class_table(metric.class_ap))
+            self.last_table = "\n".join(filter(None, [self.last_table, *tables]))
             for key, value in scores.items():
                 if isinstance(value, (int, float)) and not isinstance(value, bool):
                     # pycocotools writes -1 for "no ground truth of this size"; NaN means the same.
                     metrics[key] = -1.0 if math.isnan(value) else float(value)
         return metrics
-
-
-# CocoMetric's summary items and the object areas each covers (pycocotools' ranges).
-AREAS = {"mAP": (0, 1e10), "mAP_50": (0, 1e10), "mAP_75": (0, 1e10)}
-AREAS.update({"mAP_s": (0, 32**2), "mAP_m": (32**2, 96**2), "mAP_l": (96**2, 1e10)})
-
-
-def without_detections(metric: Any, results: list[Any]) -> dict[str, float]:
-    """The COCO scores of a validation in which the model detected nothing at all.
-
-    mmdet's CocoMetric then logs "The testing results of the whole dataset is empty" and reports no
-    score, and a validation without the searcher's metric ends a trial on a cluster. The honest
-    scores are AP 0 where ground truth exists and -1 where none does (as pycocotools reports it).
-    """
-    if type(metric).__name__ != "CocoMetric" or any(_detections(r) for r in results):
-        return {}
-    coco = getattr(metric, "_coco_api", None)  # the ground truth CocoMetric loaded (mmdet keeps no public handle)
-    if coco is None:
-        return {}
-    images, classes = set(metric.img_ids or coco.get_img_ids()), set(metric.cat_ids or coco.get_cat_ids())
-    areas = [
-        float(a.get("area", 0))
-        for a in coco.dataset.get("annotations", [])
-        if not a.get("iscrowd") and a["image_id"] in images and a["category_id"] in classes
-    ]
-    scores = {}
-    for kind in [m for m in metric.metrics if m in ("bbox", "segm")]:
-        for item, (low, high) in AREAS.items():
-            scores[f"{kind}_{item}"] = 0.0 if any(low <= a < high for a in areas) else -1.0
-    return scores
-
-
-def _detections(result: Any) -> int:
-    for part in result if isinstance(result, (tuple, list)) else (result,):
-        if isinstance(part, dict) and "labels" in part:
-            return len(part["labels"])
-    return 0

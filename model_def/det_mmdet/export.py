@@ -9,8 +9,11 @@ resolved config in test mode). mmdet's ``DetInferencer`` and ``tools/test.py`` l
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
+import math
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
@@ -171,12 +174,14 @@ def predict(model_dir: Path, inputs: list[str], out: Path, score_thr: float = 0.
 # ---- evaluate -------------------------------------------------------------------------------------
 
 
-def evaluate(model_dir: Path, ann: Path, images: Path, out: Path | None = None, batch_size: int = 4) -> dict:
-    """COCO AP/AR over a labelled set, printed as pycocotools prints it (bbox, and segm for masks)."""
-    from mmdet.registry import METRICS
+def evaluate(
+    model_dir: Path, ann: Path, images: Path, out: Path | None = None, batch_size: int = 4, backend: str | None = None
+) -> dict:
+    """COCO AP/AR over a labelled set, as the trial's validation scores it (bbox, and segm for masks)."""
     from mmengine.dataset import pseudo_collate
     from tqdm import tqdm
 
+    from det_mmdet import coco
     from det_mmdet.data import build_dataset
 
     for thing, path in (("--ann", ann), ("--images", images)):
@@ -195,14 +200,11 @@ def evaluate(model_dir: Path, ann: Path, images: Path, out: Path | None = None, 
     dataset_cfg["metainfo"] = {"classes": tuple(classes)}
     dataset = build_dataset(dataset_cfg, "--ann")
     has_masks = "mask_head" in (cfg.model.get("roi_head") or {})
-    metric = METRICS.build(
-        dict(
-            type="CocoMetric",
-            ann_file=str(ann.resolve()),
-            metric=["bbox", "segm"] if has_masks else ["bbox"],
-            classwise=True,
-            format_only=False,
-        )  # fmt: skip
+    metric = coco.FastCocoMetric(
+        ann_file=str(ann.resolve()),
+        metric=["bbox", "segm"] if has_masks else ["bbox"],
+        classwise=True,
+        backend=coco.check_backend(backend or coco.DEFAULT_BACKEND, "--coco-backend"),
     )
     metric.dataset_meta = dataset.metainfo
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=pseudo_collate)
@@ -211,25 +213,21 @@ def evaluate(model_dir: Path, ann: Path, images: Path, out: Path | None = None, 
         for batch in tqdm(loader, desc="evaluate"):
             outputs = model.test_step(batch)
             metric.process(batch, [o.to_dict() for o in outputs])  # as mmengine's Evaluator hands them
-    scores = {k.split("/")[-1]: float(v) for k, v in metric.evaluate(len(dataset)).items() if _number(v)}
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "metrics.json").write_text(json.dumps(scores, indent=1))
-        write_per_class(out / "per_class_ap.md", scores, classes)
+    with contextlib.redirect_stdout(io.StringIO()):
+        scores = {k.split("/")[-1]: float(v) for k, v in metric.evaluate(len(dataset)).items() if _number(v)}
+    print("\n".join(metric.tables))
+    write_outputs(out, scores, metric.class_ap)
     return scores
 
 
-STATS = ("mAP", "mAP_50", "mAP_75", "mAP_s", "mAP_m", "mAP_l")  # the first six of pycocotools' stats
+STANDARD_MAX_DETS = (1, 10, 100)  # COCO's own evaluation (a results file is scored as the COCO server does)
 
 
-def evaluate_results(results: Path, ann: Path, out: Path | None = None) -> dict[str, float]:
+def evaluate_results(results: Path, ann: Path, out: Path | None = None, backend: str | None = None) -> dict[str, float]:
     """COCO AP/AR of a results file (``image_id, category_id, bbox, score`` [+ ``segmentation``]), no model."""
-    import numpy as np
-    from pycocotools.coco import COCO
-    from pycocotools.cocoeval import COCOeval
+    from det_mmdet import coco
 
-    from det_mmdet import logs
-
+    backend = coco.check_backend(backend or coco.DEFAULT_BACKEND, "--coco-backend")
     for thing, path in (("--results", results), ("--ann", ann)):
         if not path.is_file():
             raise UserError(f"{thing} {path} does not exist")
@@ -239,32 +237,43 @@ def evaluate_results(results: Path, ann: Path, out: Path | None = None) -> dict[
         raise UserError(f"--results {results} is not valid JSON ({e.msg}, line {e.lineno})") from None
     if not isinstance(detections, list) or not detections:
         raise UserError(f"--results {results}: expected a non-empty list of COCO detections")
-    with logs.chatter():
-        gt = COCO(str(ann))
+    try:
+        gt = coco.ground_truth(json.loads(ann.read_text()), backend)
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise UserError(f"--ann {ann} is not a COCO annotation file ({e})") from None
     unknown = sorted({d.get("image_id") for d in detections} - set(gt.getImgIds()), key=str)
     if unknown:
         raise UserError(f"--results {results}: image_id {unknown[0]} is not in {ann} ({len(unknown)} unknown ids)")
     names = {c["id"]: c["name"] for c in gt.loadCats(gt.getCatIds())}
-    kinds = ["bbox"] + (["segm"] if all("segmentation" in d for d in detections) else [])
+    # segm is scored by the mask's own area, as mmdet and detectron2 do: without the box
+    kinds = {"bbox": [dict(d) for d in detections]}
+    if all("segmentation" in d for d in detections):
+        kinds["segm"] = [{k: v for k, v in d.items() if k != "bbox"} for d in detections]
     scores: dict[str, float] = {}
-    for kind in kinds:
-        with logs.chatter():
-            evaluation = COCOeval(gt, gt.loadRes(detections), kind)
-            evaluation.evaluate()
-            evaluation.accumulate()
-        print(f"{kind}:")
-        evaluation.summarize()  # the 12-line table, as pycocotools prints it
-        scores.update({f"{kind}_{name}": float(evaluation.stats[i]) for i, name in enumerate(STATS)})
-        precision = evaluation.eval["precision"]  # [iou, recall, class, area, max dets]
-        for k, cat in enumerate(evaluation.params.catIds):
-            values = precision[:, :, k, 0, -1]
-            values = values[values > -1]
-            scores[f"{names[cat]}_precision"] = float(np.mean(values)) if values.size else float("nan")
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "metrics.json").write_text(json.dumps(scores, indent=1))
-        write_per_class(out / "per_class_ap.md", scores, list(names.values()))
+    class_ap: dict[str, dict[str, float]] = {}
+    for kind, found in kinds.items():
+        evaluation = coco.match(gt, found, kind, backend, max_dets=STANDARD_MAX_DETS)
+        stats = coco.summary(evaluation)
+        print(coco.table(stats, kind, evaluation.params))
+        scores.update({f"{kind}_{name}": round(stats[i], 3) for i, name in enumerate(coco.DETECTION_ITEMS)})
+        safe = dict(zip(names, coco.metric_names(list(names.values())), strict=True))
+        for cat, row in coco.per_class(evaluation).items():
+            ap = -1.0 if math.isnan(row[0]) else round(row[0], 3)
+            scores[f"{kind}_AP_{safe[cat]}"] = ap
+            class_ap.setdefault(names[cat], {})[kind] = ap
+    write_outputs(out, scores, class_ap)
     return scores
+
+
+def write_outputs(out: Path | None, scores: dict[str, float], class_ap: dict[str, dict[str, float]]) -> None:
+    """metrics.json and per_class_ap.md (AP at IoU 0.50:0.95 per class and IoU type; -1: no ground truth)."""
+    from det_mmdet.coco import class_table
+
+    if out is None:
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(scores, indent=1))
+    (out / "per_class_ap.md").write_text(class_table(class_ap) + "\n")
 
 
 def _number(value: Any) -> bool:
@@ -273,10 +282,3 @@ def _number(value: Any) -> bool:
     except (TypeError, ValueError):
         return False
     return True
-
-
-def write_per_class(path: Path, scores: dict[str, float], classes: list[str]) -> None:
-    """Per-class AP (IoU 0.50:0.95, mmdet's classwise CocoMetric; segm when the model has masks)."""
-    lines = ["| class | AP |", "| --- | --- |"]
-    lines += [f"| {name} | {scores.get(f'{name}_precision', float('nan')):.3f} |" for name in classes]
-    path.write_text("\n".join(lines) + "\n")

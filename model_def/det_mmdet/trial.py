@@ -112,6 +112,16 @@ def revert_sync_batchnorm(model: torch.nn.Module, slots: int, device: torch.devi
     return model
 
 
+def describe_metric(metric: Any) -> str:
+    """One metric of the validation, and for COCO which library scores it (``data.coco_backend``)."""
+    kinds = ", ".join(getattr(metric, "metrics", None) or ())
+    backend = getattr(metric, "backend", None)
+    if backend is None:
+        return f"{type(metric).__name__} {kinds}".strip()
+    note = "; use_mp_eval applies to pycocotools only" if metric.use_mp_eval and backend != "pycocotools" else ""
+    return f"CocoMetric {kinds} scored by {backend} (data.coco_backend{note})"
+
+
 class MMDetTrial(pytorch.PyTorchTrial):
     def __init__(
         self,
@@ -288,8 +298,12 @@ class MMDetTrial(pytorch.PyTorchTrial):
     def _build_evaluator(self, cfg):
         from mmengine.evaluator import Evaluator
 
+        from det_mmdet import coco
+
+        data_cfg = self.context.get_experiment_config().get("data") or {}
+        self.coco_backend = data_cfg.get("coco_backend", coco.DEFAULT_BACKEND)
         with logs.chatter():  # CocoMetric reads its annotation file with pycocotools
-            evaluator = Evaluator(cfg.val_evaluator)
+            evaluator = Evaluator(coco.with_backend(cfg.val_evaluator, self.coco_backend))
         evaluator.dataset_meta = self.val_set.metainfo
         return evaluator
 
@@ -308,6 +322,7 @@ class MMDetTrial(pytorch.PyTorchTrial):
             f"length: {runner.max_iters} batches ({runner.max_epochs} epoch{'s' if runner.max_epochs != 1 else ''})",
             f"weights: {self.loaded_from or 'initialised by the config (no load_from)'}",
             f"hooks: {', '.join(self.hooks.names)}",
+            f"validation: {', '.join(describe_metric(m) for m in self.reducer.evaluator.metrics)}",
         ]
         if plan is not None and plan.validation_period is not None:
             unit = "epochs" if isinstance(plan.validation_period, pytorch.Epoch) else "batches"
