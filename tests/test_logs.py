@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from conftest import det_mmdet, shapes_hparams, write_experiment
+from conftest import det_mmdet, read_metrics, shapes_hparams, write_experiment
 
 NOISE = (
     "loading annotations into memory",  # pycocotools, at every annotation file and validation
     "index created!",
     "DONE (t=",
     "Evaluating bbox...",  # mmengine INFO from CocoMetric
+    "Evaluate annotation type *bbox*",  # faster-coco-eval, at every validation
+    "COCOeval_opt.accumulate() finished",
     "paramwise_options --",  # mmengine INFO per parameter with a paramwise rule
     "Initialized by",  # mmengine INFO per initialised parameter
     "It is skipped since bypass_duplicate=True",  # mmengine WARNING for modules two heads share (RTMDet)
@@ -39,10 +41,15 @@ def test_a_run_says_what_it_does_and_nothing_else(tmp_path, shapes):
         "[validation @ batch 2] bbox_mAP=",
         "[validation @ batch 4] bbox_mAP=",
         "optim_wrapper.type AmpOptimWrapper: no GPU here, training in float32",
+        "validation: CocoMetric bbox scored by faster-coco-eval (data.coco_backend)",
     ):
         assert line in out, line
     assert out.count(TABLE_LINE) == 1  # two validations, the table of the last one at the end
     assert out.index(TABLE_LINE) > out.index("[validation @ batch 4]")
+    assert out.count("AP per class:\n| class | bbox AP |") == 1  # ... and its AP per class
+    assert out.index("| triangle | ") > out.index(TABLE_LINE)
+    (last,) = [r for r in read_metrics(tmp_path / "run") if r["group"] == "validation" and r["batches"] == 4]
+    assert {"bbox_AP_circle", "bbox_AP_square", "bbox_AP_triangle"} <= set(last["metrics"])  # plottable per class
 
 
 def test_rtmdet_keeps_its_hooks_lines_and_drops_the_known_noise(tmp_path, shapes):
@@ -58,7 +65,7 @@ def test_rtmdet_keeps_its_hooks_lines_and_drops_the_known_noise(tmp_path, shapes
 
 def test_verbose_brings_the_library_output_back(tmp_path, shapes):
     out = run(tmp_path, shapes, "--max-batches", 2, "--verbose")
-    assert "loading annotations into memory" in out and "Evaluating bbox..." in out
+    assert "loading annotations into memory" in out and "Evaluate annotation type *bbox*" in out
 
 
 def test_a_cluster_log_gets_one_plain_line_per_report_and_validation():

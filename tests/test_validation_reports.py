@@ -48,4 +48,7 @@ def test_a_validation_without_the_searcher_metric_stops_locally_too(tmp_path, sh
     r = det_mmdet("train", exp, "--output-dir", tmp_path / "run", "--max-batches", 2)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     last = r.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: validation reported no segm_mAP, the searcher's metric (it reported bbox_mAP")
+    assert last == (
+        "error: validation reported no segm_mAP, the searcher's metric (it reported bbox_mAP, bbox_mAP_50, "
+        "bbox_mAP_75, bbox_mAP_l, bbox_mAP_m, bbox_mAP_s, val_images, 3 per-class APs)"
+    )

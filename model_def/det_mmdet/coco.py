@@ -117,13 +117,10 @@ def match(
         from mmdet.datasets.api_wrappers import COCOevalMP as evaluator_cls
     extra = {"print_function": print} if backend == "faster-coco-eval" else {}  # into logs.chatter
     with logs.chatter():
-        if detections:
-            results = gt.loadRes(detections)
+        if backend == "pycocotools" and detections:
+            results = gt.loadRes(detections)  # CocoMetric's way, exactly (an empty list it cannot read)
         else:
-            results = coco_cls()
-            results.dataset = {"images": gt.dataset["images"], "categories": gt.dataset["categories"]}
-            results.dataset["annotations"] = []
-            results.createIndex()
+            results = results_index(gt, coco_cls, detections, iou_type)
         evaluation = evaluator_cls(gt, results, iou_type, **extra)
         params = evaluation.params
         params.catIds = list(gt.getCatIds() if cat_ids is None else cat_ids)
@@ -135,6 +132,32 @@ def match(
         evaluation.evaluate()
         evaluation.accumulate()
     return evaluation
+
+
+def results_index(gt: Any, coco_cls: type, detections: list[dict[str, Any]], iou_type: str) -> Any:
+    """Detections as a COCO index, with what ``loadRes`` adds (ids from 1, ``iscrowd`` 0, the box's or
+    for segm the mask's area, and a mask's box) computed for all at once rather than one by one."""
+    unknown = {d["image_id"] for d in detections} - set(gt.getImgIds())
+    if unknown:
+        raise UserError(
+            f"COCO scoring: detections for image id {sorted(unknown, key=str)[0]}, which the annotations lack"
+        )
+    if iou_type == "segm" and detections:
+        from faster_coco_eval.core import mask as mask_utils  # pycocotools' overflows on long lists
+
+        rles = [d["segmentation"] for d in detections]
+        areas, boxes = mask_utils.area(rles).tolist(), mask_utils.toBbox(rles).tolist()
+        for i, (found, area, box) in enumerate(zip(detections, areas, boxes, strict=True)):
+            found.update(area=area, id=i + 1, iscrowd=0)
+            found.setdefault("bbox", box)
+    else:
+        for i, found in enumerate(detections):
+            found.update(area=found["bbox"][2] * found["bbox"][3], id=i + 1, iscrowd=0)
+    results = coco_cls()
+    results.dataset = {"images": gt.dataset["images"], "categories": gt.dataset["categories"]}
+    results.dataset["annotations"] = detections
+    results.createIndex()
+    return results
 
 
 # ---- numbers from the accumulated arrays, by pycocotools' rules -------------------------------------

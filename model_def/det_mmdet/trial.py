@@ -497,7 +497,12 @@ class SearcherMetricCheck(pytorch.PyTorchCallback):
 
     def on_validation_end(self, metrics: dict[str, Any]) -> None:
         if self.metric not in metrics:
-            shown = ", ".join(sorted(k for k in metrics if k not in ("batches", "epochs"))) or "nothing"
+            names = sorted(k for k in metrics if k not in ("batches", "epochs"))
+            per_class = [k for k in names if re.match(r"(bbox|segm)_AP_", k)]  # one per class: counted, not listed
+            shown = ", ".join(
+                [k for k in names if k not in per_class] + [f"{len(per_class)} per-class APs"][: len(per_class)]
+            )
+            shown = shown or "nothing"
             raise UserError(f"validation reported no {self.metric}, the searcher's metric (it reported {shown})")
 
 
