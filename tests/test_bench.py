@@ -52,3 +52,12 @@ def test_throughput_bench_runs_both_trainers(tmp_path):
     assert "per-batch speed ratio (runner per-batch / ours per-batch)" in proc.stdout
     assert "tiny Faster R-CNN, 128 px, batch 4" in proc.stdout
     assert "KaimingInit" not in proc.stdout  # tables only, no per-tensor init report
+
+
+def test_eval_bench_times_both_metrics_on_the_same_results():
+    """A miniature bench/eval.py: mmdet's CocoMetric and ours score one result set, with the same numbers."""
+    cmd = [sys.executable, "bench/eval.py", "--images", "30", "--repeats", "1"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith(("| bbox |", "| segm |"))]
+    assert len(rows) == 2 and all(row.endswith("| yes |") for row in rows), proc.stdout

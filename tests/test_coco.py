@@ -76,8 +76,8 @@ def test_faster_coco_eval_scores_like_pycocotools(synthetic, proposal_nums):
     ann, pkl = synthetic
     gt = json.loads(ann.read_text())
     _, preds = zip(*pickle.loads(pkl.read_bytes()), strict=True)
-    boxes, masks = coco.detections(preds, [c["id"] for c in gt["categories"]])
-    for kind, found in (("bbox", boxes), ("segm", masks)):
+    for kind in ("bbox", "segm"):
+        found = coco.detections(preds, [c["id"] for c in gt["categories"]], kind)
         raw = {}
         for backend in coco.BACKENDS:
             evaluation = coco.match(
@@ -176,10 +176,11 @@ def test_proposal_fast_is_mmdets_recall_and_format_only_writes_mmdets_files(tmp_
 
 
 def test_only_cocometric_is_replaced_and_bad_settings_are_one_line(tmp_path):
-    cfg = [{"type": "CocoMetric", "metric": "bbox"}, {"type": "VOCMetric"}]
+    cfg = [{"type": "CocoMetric", "metric": "bbox"}, {"type": "VOCMetric"}, {"type": "mmdet.CocoMetric"}]
     assert coco.with_backend(cfg, "pycocotools") == [
         {"type": coco.FastCocoMetric, "metric": "bbox", "backend": "pycocotools"},
         {"type": "VOCMetric"},
+        {"type": coco.FastCocoMetric, "backend": "pycocotools"},
     ]
     with pytest.raises(UserError, match=r"^data.coco_backend: 'cocoapi' is not one of: faster-coco-eval, pycocotools$"):
         coco.with_backend(cfg, "cocoapi")

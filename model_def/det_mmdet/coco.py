@@ -54,7 +54,7 @@ def with_backend(evaluator_cfg: Any, backend: str) -> Any:
     check_backend(backend)
     if isinstance(evaluator_cfg, (list, tuple)):
         return [with_backend(each, backend) for each in evaluator_cfg]
-    if isinstance(evaluator_cfg, dict) and evaluator_cfg.get("type") in ("CocoMetric", CocoMetric):
+    if isinstance(evaluator_cfg, dict) and evaluator_cfg.get("type") in ("CocoMetric", "mmdet.CocoMetric", CocoMetric):
         return {**evaluator_cfg, "type": FastCocoMetric, "backend": backend}
     return evaluator_cfg
 
@@ -135,8 +135,8 @@ def match(
 
 
 def results_index(gt: Any, coco_cls: type, detections: list[dict[str, Any]], iou_type: str) -> Any:
-    """Detections as a COCO index, with what ``loadRes`` adds (ids from 1, ``iscrowd`` 0, the box's or
-    for segm the mask's area, and a mask's box) computed for all at once rather than one by one."""
+    """Detections as a COCO index, with what ``loadRes`` adds for scoring (ids from 1, ``iscrowd`` 0,
+    the box's or for segm the mask's area) computed for all at once rather than one by one."""
     unknown = {d["image_id"] for d in detections} - set(gt.getImgIds())
     if unknown:
         raise UserError(
@@ -145,11 +145,9 @@ def results_index(gt: Any, coco_cls: type, detections: list[dict[str, Any]], iou
     if iou_type == "segm" and detections:
         from faster_coco_eval.core import mask as mask_utils  # pycocotools' overflows on long lists
 
-        rles = [d["segmentation"] for d in detections]
-        areas, boxes = mask_utils.area(rles).tolist(), mask_utils.toBbox(rles).tolist()
-        for i, (found, area, box) in enumerate(zip(detections, areas, boxes, strict=True)):
-            found.update(area=area, id=i + 1, iscrowd=0)
-            found.setdefault("bbox", box)
+        areas = mask_utils.area([d["segmentation"] for d in detections]).tolist()
+        for i, (found, area) in enumerate(zip(detections, areas, strict=True)):
+            found.update(area=area, id=i + 1, iscrowd=0)  # no box: segm is matched by mask alone
     else:
         for i, found in enumerate(detections):
             found.update(area=found["bbox"][2] * found["bbox"][3], id=i + 1, iscrowd=0)
@@ -277,18 +275,20 @@ class FastCocoMetric(CocoMetric):
         gt = self._coco_api if self.backend == "pycocotools" else self._backend_gt()
         names = {c["id"]: c["name"] for c in self._coco_api.loadCats(self.cat_ids)}
         safe = dict(zip(names, metric_names(list(names.values())), strict=True))
-        boxes, masks = detections(preds, self.cat_ids)
+        converted: dict[str, list[dict] | None] = {}  # bbox and proposal score the same boxes
         for metric in self.metrics:
             if metric == "proposal_fast":  # mmdet's own recall over the boxes
                 recall = self.fast_eval_recall(list(preds), self.proposal_nums, self.iou_thrs)
                 scores.update({f"AR@{n}": float(recall[i]) for i, n in enumerate(self.proposal_nums)})
                 continue
             iou_type = "bbox" if metric == "proposal" else metric
-            if iou_type == "segm" and masks is None:
+            if iou_type not in converted:
+                converted[iou_type] = detections(preds, self.cat_ids, iou_type)
+            if converted[iou_type] is None:
                 raise UserError("val_evaluator.metric: 'segm' needs masks, and the model predicts none")
             evaluation = match(
                 gt,
-                masks if iou_type == "segm" else boxes,
+                converted[iou_type],
                 iou_type,
                 self.backend,
                 cat_ids=self.cat_ids,
@@ -332,32 +332,36 @@ class FastCocoMetric(CocoMetric):
         return self._gt
 
 
-def detections(preds: Sequence[dict[str, Any]], cat_ids: Sequence[int]) -> tuple[list[dict], list[dict] | None]:
-    """CocoMetric's per-image results as COCO detections: (boxes, masks or None).
+def detections(preds: Sequence[dict[str, Any]], cat_ids: Sequence[int], iou_type: str) -> list[dict] | None:
+    """CocoMetric's per-image results as COCO detections of ``iou_type`` (segm: None without masks).
 
     The values are those of mmdet's ``results2json`` after its JSON round trip (float32 made Python
     floats, boxes as x, y, w, h); masks carry no box, as CocoMetric drops it before scoring segm.
     """
+    segm = iou_type == "segm"
+    if segm and preds and "masks" not in preds[0]:
+        return None
     cats = np.asarray(cat_ids)
-    boxes: list[dict] = []
-    masks: list[dict] | None = [] if preds and "masks" in preds[0] else None
+    found: list[dict] = []
     for idx, pred in enumerate(preds):
         image = pred.get("img_id", idx)
+        labels = cats[np.asarray(pred["labels"], dtype=np.int64)].tolist()
+        if segm:
+            scores = np.asarray(pred.get("mask_scores", pred["scores"])).astype(np.float64).tolist()
+            for rle, s, c in zip(pred["masks"], scores, labels, strict=True):
+                counts = rle["counts"].decode() if isinstance(rle["counts"], bytes) else rle["counts"]
+                found.append(
+                    {"image_id": image, "score": s, "category_id": c, "segmentation": {**rle, "counts": counts}}
+                )
+            continue
         xyxy = np.asarray(pred["bboxes"]).astype(np.float64).reshape(-1, 4)
         xywh = np.concatenate([xyxy[:, :2], xyxy[:, 2:] - xyxy[:, :2]], axis=1).tolist()
-        labels = cats[np.asarray(pred["labels"], dtype=np.int64)].tolist()
         scores = np.asarray(pred["scores"]).astype(np.float64).tolist()
-        boxes += [
+        found += [
             {"image_id": image, "bbox": b, "score": s, "category_id": c}
             for b, s, c in zip(xywh, scores, labels, strict=True)
         ]
-        if masks is None:
-            continue
-        mask_scores = np.asarray(pred.get("mask_scores", pred["scores"])).astype(np.float64).tolist()
-        for rle, s, c in zip(pred["masks"], mask_scores, labels, strict=True):
-            counts = rle["counts"].decode() if isinstance(rle["counts"], bytes) else rle["counts"]
-            masks.append({"image_id": image, "score": s, "category_id": c, "segmentation": {**rle, "counts": counts}})
-    return boxes, masks
+    return found
 
 
 def box_recall(gts: list[np.ndarray], proposals: list[np.ndarray], nums: list[int], thrs: np.ndarray) -> np.ndarray:
