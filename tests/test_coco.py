@@ -200,3 +200,28 @@ def test_an_unknown_coco_backend_in_the_experiment_is_one_line(tmp_path, shapes)
     assert r.stderr.strip().splitlines()[-1] == (
         "error: data.coco_backend: 'cocoapi' is not one of: faster-coco-eval, pycocotools"
     )
+
+
+def test_ground_truth_from_the_data_samples_when_there_is_no_ann_file(synthetic):
+    """No ann_file: CocoMetric converts the samples' instances to COCO; both backends score them like mmdet."""
+    from mmdet.evaluation.metrics import CocoMetric
+
+    ann, pkl = synthetic
+    gt = json.loads(ann.read_text())
+    instances: dict[int, list] = {}
+    for a in gt["annotations"]:
+        x, y, w, h = a["bbox"]
+        entry = {"bbox_label": a["category_id"] - 1, "bbox": [x, y, x + w, y + h], "ignore_flag": a["iscrowd"]}
+        instances.setdefault(a["image_id"], []).append(entry)
+    results = [({**g, "anns": instances.get(g["img_id"], [])}, p) for g, p in pickle.loads(pkl.read_bytes())]
+    scored = {}
+    for name, metric in (
+        ("mmdet", CocoMetric(metric="bbox")),
+        *((backend, coco.FastCocoMetric(metric="bbox", backend=backend)) for backend in coco.BACKENDS),
+    ):
+        metric.dataset_meta = {"classes": CLASSES}
+        with contextlib.redirect_stdout(io.StringIO()):
+            scored[name] = metric.compute_metrics([(dict(g, anns=list(g["anns"])), p) for g, p in results])
+    assert 0.05 < scored["mmdet"]["bbox_mAP"] < 0.95
+    for backend in coco.BACKENDS:
+        assert {k: scored[backend][k] for k in scored["mmdet"]} == scored["mmdet"], backend

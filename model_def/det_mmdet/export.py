@@ -214,7 +214,7 @@ def evaluate(
             outputs = model.test_step(batch)
             metric.process(batch, [o.to_dict() for o in outputs])  # as mmengine's Evaluator hands them
     with contextlib.redirect_stdout(io.StringIO()):
-        scores = {k.split("/")[-1]: float(v) for k, v in metric.evaluate(len(dataset)).items() if _number(v)}
+        scores = {k.split("/")[-1]: float(v) for k, v in metric.evaluate(len(dataset)).items()}  # all numbers
     print("\n".join(metric.tables))
     write_outputs(out, scores, metric.class_ap)
     return scores
@@ -274,11 +274,3 @@ def write_outputs(out: Path | None, scores: dict[str, float], class_ap: dict[str
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(scores, indent=1))
     (out / "per_class_ap.md").write_text(class_table(class_ap) + "\n")
-
-
-def _number(value: Any) -> bool:
-    try:
-        float(value)
-    except (TypeError, ValueError):
-        return False
-    return True
