@@ -40,7 +40,6 @@ NAMES = (
 )  # fmt: skip
 DETECTION_ITEMS = NAMES[:6]  # what CocoMetric reports for bbox and segm unless metric_items says otherwise
 PROPOSAL_ITEMS = NAMES[6:]  # ... and for 'proposal'
-PER_CLASS = ("AP", "AP_50", "AP_75", "AP_s", "AP_m", "AP_l")  # the columns of the class-wise table
 
 
 def check_backend(value: Any, where: str = "data.coco_backend") -> str:
@@ -161,7 +160,7 @@ def results_index(gt: Any, coco_cls: type, detections: list[dict[str, Any]], iou
 # ---- numbers from the accumulated arrays, by pycocotools' rules -------------------------------------
 
 
-def _mean(evaluation: Any, ap: bool, iou: float | None = None, area: str = "all", dets: int = 100, k: Any = None):
+def _mean(evaluation: Any, ap: bool, iou: float | None = None, area: str = "all", dets: int = 100) -> float:
     """pycocotools' ``_summarize``: the mean over valid entries, -1 where there are none."""
     params = evaluation.params
     values = evaluation.eval["precision" if ap else "recall"]  # [T, R, K, A, M] / [T, K, A, M]
@@ -169,8 +168,7 @@ def _mean(evaluation: Any, ap: bool, iou: float | None = None, area: str = "all"
         values = values[np.where(iou == params.iouThrs)[0]]  # exact, as pycocotools compares
     a = params.areaRngLbl.index(area)
     m = [i for i, d in enumerate(params.maxDets) if d == dets]  # none: no such maxDets, -1
-    classes = slice(None) if k is None else [k]
-    values = values[:, :, classes, a, m] if ap else values[:, classes, a, m]
+    values = values[:, :, :, a, m] if ap else values[:, :, a, m]
     valid = values[values > -1]
     return float(np.mean(valid)) if valid.size else -1.0
 
@@ -186,20 +184,15 @@ def summary(evaluation: Any) -> list[float]:
     return stats
 
 
-def per_class(evaluation: Any) -> dict[int, list[float]]:
-    """Per category id: AP, AP_50, AP_75, AP_s, AP_m, AP_l at the most detections (NaN: no ground truth).
-
-    As mmdet's ``classwise`` table: the first and sixth IoU thresholds stand for 0.5 and 0.75.
-    """
-    params, precision = evaluation.params, evaluation.eval["precision"]
-    m = len(params.maxDets) - 1
-    table = {}
-    for k, cat in enumerate(params.catIds):  # the K axis: sorted category ids, in both backends
-        cells = [precision[:, :, k, 0, m]]
-        cells += [precision[t, :, k, 0, m] if t < len(params.iouThrs) else np.empty(0) for t in (0, 5)]
-        cells += [precision[:, :, k, a, m] for a in (1, 2, 3)]
-        table[cat] = [float(np.mean(c[c > -1])) if (c > -1).any() else float("nan") for c in cells]
-    return table
+def per_class(evaluation: Any) -> dict[int, float]:
+    """AP per category id (IoU 0.50:0.95, all areas, the most detections; NaN: no ground truth), as
+    mmdet's ``classwise`` reads it."""
+    precision = evaluation.eval["precision"][:, :, :, 0, -1]  # maxDets sorted: -1 is the most
+    scores = {}
+    for k, cat in enumerate(evaluation.params.catIds):  # the K axis: sorted category ids, in both backends
+        valid = precision[:, :, k][precision[:, :, k] > -1]
+        scores[cat] = float(np.mean(valid)) if valid.size else float("nan")
+    return scores
 
 
 def table(stats: Sequence[float], iou_type: str, params: Any) -> str:
@@ -306,8 +299,8 @@ class FastCocoMetric(CocoMetric):
                 scores.update({item: round(named[item], 3) for item in self.metric_items or PROPOSAL_ITEMS})
                 continue
             scores.update({f"{metric}_{item}": round(named[item], 3) for item in self.metric_items or DETECTION_ITEMS})
-            for cat, row in per_class(evaluation).items():
-                ap = round(row[0], 3)
+            for cat, value in per_class(evaluation).items():
+                ap = round(value, 3)
                 reported = -1.0 if np.isnan(ap) else ap  # as pycocotools' summary: -1, no ground truth
                 self.class_ap.setdefault(names[cat], {})[metric] = reported
                 scores[f"{metric}_AP_{safe[cat]}"] = reported

@@ -257,8 +257,8 @@ def evaluate_results(results: Path, ann: Path, out: Path | None = None, backend:
         print(coco.table(stats, kind, evaluation.params))
         scores.update({f"{kind}_{name}": round(stats[i], 3) for i, name in enumerate(coco.DETECTION_ITEMS)})
         safe = dict(zip(names, coco.metric_names(list(names.values())), strict=True))
-        for cat, row in coco.per_class(evaluation).items():
-            ap = -1.0 if math.isnan(row[0]) else round(row[0], 3)
+        for cat, value in coco.per_class(evaluation).items():
+            ap = -1.0 if math.isnan(value) else round(value, 3)
             scores[f"{kind}_AP_{safe[cat]}"] = ap
             class_ap.setdefault(names[cat], {})[kind] = ap
     write_outputs(out, scores, class_ap)
