@@ -195,6 +195,20 @@ def per_class(evaluation: Any) -> dict[int, float]:
     return scores
 
 
+def add_class_aps(
+    evaluation: Any, kind: str, names: dict[int, str], scores: dict[str, float], class_ap: dict[str, dict[str, float]]
+) -> dict[int, float]:
+    """Each class's AP into ``scores`` as ``<kind>_AP_<safe name>`` and ``class_ap[name][kind]`` (-1: no
+    ground truth); returns the rounded APs by category id, NaN kept, for mmdet's ``classwise`` keys."""
+    safe = dict(zip(names, metric_names(list(names.values())), strict=True))
+    rounded = {cat: round(value, 3) for cat, value in per_class(evaluation).items()}
+    for cat, ap in rounded.items():
+        reported = -1.0 if np.isnan(ap) else ap  # as pycocotools' summary: -1, no ground truth
+        scores[f"{kind}_AP_{safe[cat]}"] = reported
+        class_ap.setdefault(names[cat], {})[kind] = reported
+    return rounded
+
+
 def table(stats: Sequence[float], iou_type: str, params: Any) -> str:
     """The 12-line table in pycocotools' layout (``params``: the evaluation's)."""
     d, iou_thrs = list(params.maxDets), params.iouThrs
@@ -267,7 +281,6 @@ class FastCocoMetric(CocoMetric):
         self.tables, self.class_ap = [], {}
         gt = self._coco_api if self.backend == "pycocotools" else self._backend_gt()
         names = {c["id"]: c["name"] for c in self._coco_api.loadCats(self.cat_ids)}
-        safe = dict(zip(names, metric_names(list(names.values())), strict=True))
         converted: dict[str, list[dict] | None] = {}  # bbox and proposal score the same boxes
         for metric in self.metrics:
             if metric == "proposal_fast":  # mmdet's own recall over the boxes
@@ -299,13 +312,9 @@ class FastCocoMetric(CocoMetric):
                 scores.update({item: round(named[item], 3) for item in self.metric_items or PROPOSAL_ITEMS})
                 continue
             scores.update({f"{metric}_{item}": round(named[item], 3) for item in self.metric_items or DETECTION_ITEMS})
-            for cat, value in per_class(evaluation).items():
-                ap = round(value, 3)
-                reported = -1.0 if np.isnan(ap) else ap  # as pycocotools' summary: -1, no ground truth
-                self.class_ap.setdefault(names[cat], {})[metric] = reported
-                scores[f"{metric}_AP_{safe[cat]}"] = reported
-                if self.classwise:  # mmdet's keys, NaN and all (segm's overwrite bbox's, as in mmdet)
-                    scores[f"{names[cat]}_precision"] = ap
+            rounded = add_class_aps(evaluation, metric, names, scores, self.class_ap)
+            if self.classwise:  # mmdet's keys, NaN and all (segm's overwrite bbox's, as in mmdet)
+                scores.update({f"{names[cat]}_precision": ap for cat, ap in rounded.items()})
         return scores
 
     def fast_eval_recall(self, results: list[dict], proposal_nums: Sequence[int], iou_thrs: Any, logger=None):

@@ -80,7 +80,7 @@ class EvaluatorReducer(pytorch.MetricReducer):
             metrics["val_images"] = float(len(ordered))
             with logs.chatter() as printed:  # pycocotools' progress lines and its table, mmengine's INFO
                 scores = dict(metric.compute_metrics(ordered))
-            tables = getattr(metric, "tables", None) or [logs.coco_table(printed.getvalue())]
+            tables = list(getattr(metric, "tables", None) or [logs.coco_table(printed.getvalue())])
             if getattr(metric, "class_ap", None):
                 tables.append("AP per class:\n" + class_table(metric.class_ap))
             self.last_table = "\n".join(filter(None, [self.last_table, *tables]))

@@ -9,11 +9,8 @@ resolved config in test mode). mmdet's ``DetInferencer`` and ``tools/test.py`` l
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import logging
-import math
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
@@ -181,7 +178,7 @@ def evaluate(
     from mmengine.dataset import pseudo_collate
     from tqdm import tqdm
 
-    from det_mmdet import coco
+    from det_mmdet import coco, logs
     from det_mmdet.data import build_dataset
 
     for thing, path in (("--ann", ann), ("--images", images)):
@@ -213,7 +210,7 @@ def evaluate(
         for batch in tqdm(loader, desc="evaluate"):
             outputs = model.test_step(batch)
             metric.process(batch, [o.to_dict() for o in outputs])  # as mmengine's Evaluator hands them
-    with contextlib.redirect_stdout(io.StringIO()):
+    with logs.chatter():  # the tables are printed below, once
         scores = {k.split("/")[-1]: float(v) for k, v in metric.evaluate(len(dataset)).items()}  # all numbers
     print("\n".join(metric.tables))
     write_outputs(out, scores, metric.class_ap)
@@ -256,11 +253,7 @@ def evaluate_results(results: Path, ann: Path, out: Path | None = None, backend:
         stats = coco.summary(evaluation)
         print(coco.table(stats, kind, evaluation.params))
         scores.update({f"{kind}_{name}": round(stats[i], 3) for i, name in enumerate(coco.DETECTION_ITEMS)})
-        safe = dict(zip(names, coco.metric_names(list(names.values())), strict=True))
-        for cat, value in coco.per_class(evaluation).items():
-            ap = -1.0 if math.isnan(value) else round(value, 3)
-            scores[f"{kind}_AP_{safe[cat]}"] = ap
-            class_ap.setdefault(names[cat], {})[kind] = ap
+        coco.add_class_aps(evaluation, kind, names, scores, class_ap)
     write_outputs(out, scores, class_ap)
     return scores
 

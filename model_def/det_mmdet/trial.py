@@ -300,10 +300,9 @@ class MMDetTrial(pytorch.PyTorchTrial):
 
         from det_mmdet import coco
 
-        data_cfg = self.context.get_experiment_config().get("data") or {}
-        self.coco_backend = data_cfg.get("coco_backend", coco.DEFAULT_BACKEND)
-        with logs.chatter():  # CocoMetric reads its annotation file with pycocotools
-            evaluator = Evaluator(coco.with_backend(cfg.val_evaluator, self.coco_backend))
+        backend = (self.context.get_experiment_config().get("data") or {}).get("coco_backend", coco.DEFAULT_BACKEND)
+        with logs.chatter():  # metrics read their annotation files with pycocotools
+            evaluator = Evaluator(coco.with_backend(cfg.val_evaluator, backend))
         evaluator.dataset_meta = self.val_set.metainfo
         return evaluator
 
@@ -498,11 +497,9 @@ class SearcherMetricCheck(pytorch.PyTorchCallback):
     def on_validation_end(self, metrics: dict[str, Any]) -> None:
         if self.metric not in metrics:
             names = sorted(k for k in metrics if k not in ("batches", "epochs"))
-            per_class = [k for k in names if re.match(r"(bbox|segm)_AP_", k)]  # one per class: counted, not listed
-            shown = ", ".join(
-                [k for k in names if k not in per_class] + [f"{len(per_class)} per-class APs"][: len(per_class)]
-            )
-            shown = shown or "nothing"
+            listed = [k for k in names if not re.match(r"(bbox|segm)_AP_", k)]  # per-class keys: counted
+            count = len(names) - len(listed)
+            shown = ", ".join(listed + ([f"{count} per-class APs"] if count else [])) or "nothing"
             raise UserError(f"validation reported no {self.metric}, the searcher's metric (it reported {shown})")
 
 
