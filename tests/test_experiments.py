@@ -56,7 +56,8 @@ def test_print_config_resolves_each_experiment(path, tmp_path, shapes, monkeypat
     # The fine-tune example reads its classes from data/my_dataset: give it the shapes set there.
     shutil.copytree(shapes, tmp_path / "data" / "my_dataset")
     monkeypatch.chdir(tmp_path)
-    assert main(["train", str(path), "--print-config"]) == 0, capsys.readouterr().err
+    local = ["--set", "data_root=data/my_dataset/"] if path.stem == "finetune_custom_coco" else []
+    assert main(["train", str(path), "--print-config", *local]) == 0, capsys.readouterr().err
     out = capsys.readouterr().out
     assert "model = dict(" in out and "train_dataloader = dict(" in out
     if path.stem == "finetune_custom_coco":
@@ -96,6 +97,25 @@ def test_sampled_hyperparameters_land_in_the_config(merge_config, optimizer):
     assert cfg.val_evaluator.ann_file == "/mnt/coco/annotations/instances_val2017.json"
 
 
+def test_sampled_mappings_are_taken_as_the_master_sends_them():
+    """A const mapping arrives as its raw value and a categorical of mappings as the chosen mapping:
+    neither is a search space any more (resolving them again failed every trial)."""
+    exp_conf = load(ROOT / "experiments" / "search_asha.yaml")
+    sampled = {
+        "global_batch_size": 16,
+        "config_file": "faster_rcnn/faster-rcnn_r50_fpn_1x_coco.py",
+        "override_mmdet_config": {
+            "optim_wrapper": {"optimizer": {"type": "AdamW", "lr": 0.0001, "weight_decay": 0.05}},
+            "model": {"roi_head": {"bbox_head": {"loss_bbox": {"type": "GIoULoss", "loss_weight": 2.0}}}},
+        },
+    }
+    exp = experiment_for_trial(exp_conf, sampled)
+    assert exp.hparams == sampled and exp.notes == []
+    cfg = build_config(exp)
+    assert cfg.optim_wrapper.optimizer.type == "AdamW" and cfg.optim_wrapper.optimizer.lr == 0.0001
+    assert cfg.model.roi_head.bbox_head.loss_bbox == {"type": "GIoULoss", "loss_weight": 2.0}
+
+
 def test_classes_from_annotations_trains_with_the_right_heads(tmp_path, shapes):
     # The config claims 7 classes named otherwise; the flag makes datasets and heads follow the file.
     wrong = {"model.roi_head.bbox_head.num_classes": 7, "train_dataloader.dataset.metainfo.classes": ["a", "b"]}
@@ -130,7 +150,7 @@ def test_dockerfile_installs_the_project_pins():
     (cases,) = yaml.safe_load_all((expconf.EXPCONF_DIR / "test_cases" / "experiment.yaml").read_text())
     (full,) = [c for c in cases if c["name"] == "full valid experiment"]
     assert pins["determined"] == "==0.38.1" and base
-    assert base.group(1) == full["case"]["environment"]["image"]["cuda"] == "determinedai/pytorch-ngc-dev:0736b6d"
+    assert base.group(1) == full["case"]["environment"]["image"]["cuda"] == "determinedai/pytorch-ngc:0.38.1"
     # Everything installed comes from requirements.txt: torch (with its torchvision), then mmcv, then the rest.
     assert "COPY requirements.txt docker/requirements-cuda.txt" in dockerfile
     cuda_pins = (ROOT / "docker" / "requirements-cuda.txt").read_text()

@@ -3,6 +3,7 @@
     det-mmdet train EXPERIMENT.yaml --print-config [--set key=value ...]
     det-mmdet train EXPERIMENT.yaml [--max-batches N | --max-epochs N] [--validation-period N]
         [--checkpoint-period N] [--output-dir DIR] [--slots K] [--resume] [--set key=value ...]
+    det-mmdet check EXPERIMENT.yaml
     det-mmdet compose model=rtmdet data=custom searcher=asha [key=value ...] [-o exp.yaml] [--submit]
     det-mmdet demo
 
@@ -49,7 +50,7 @@ def add_schedule_args(p: argparse.ArgumentParser) -> None:
     length.add_argument("--max-epochs", type=int)
     p.add_argument("--validation-period", type=int, metavar="BATCHES")
     p.add_argument("--checkpoint-period", type=int, metavar="BATCHES")
-    p.add_argument("--report-period", type=int, metavar="BATCHES", help="training metrics every N batches (10)")
+    p.add_argument("--report-period", type=int, metavar="BATCHES", help="training metrics every N batches (100)")
 
 
 def add_train_args(p: argparse.ArgumentParser) -> None:
@@ -94,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--coco-backend", choices=("faster-coco-eval", "pycocotools"), help="COCOeval to score with (faster-coco-eval)"
     )
     evaluate.set_defaults(func=cmd_evaluate)
+    check = sub.add_parser("check", help="what can be known before det experiment create: configs, models, paths")
+    check.add_argument("experiment", help="Determined experiment YAML")
+    check.set_defaults(func=cmd_check)
     compose = sub.add_parser("compose", help="a Determined experiment from config groups (experiments/hydra/)")
     compose.add_argument("overrides", nargs="*", metavar="GROUP=OPTION|KEY=VALUE")
     compose.add_argument("-o", "--out", type=Path, help="write the experiment YAML here instead of printing it")
@@ -130,10 +134,69 @@ def resolve(args: argparse.Namespace):
     from det_mmdet.config import build_config, load_experiment, parse_set
 
     exp = load_experiment(args.experiment)
+    applied = apply_entrypoint_args(args, exp.config, str(args.experiment))
     if is_chief():
         for note in exp.notes:
             logger.info(note)
+        if applied:
+            logger.info(applied)
     return exp, build_config(exp, parse_set(args.set))
+
+
+SCHEDULE_FLAGS = ("max_batches", "max_epochs", "validation_period", "checkpoint_period", "report_period")
+
+
+def entrypoint_args(exp_conf: dict, where: str) -> list[str]:
+    """The arguments the experiment's ``entrypoint`` gives ``train.py`` (what the cluster runs)."""
+    import shlex
+
+    entry = exp_conf.get("entrypoint")
+    if not entry:
+        return []
+    try:
+        words = list(entry) if isinstance(entry, list) else shlex.split(str(entry))
+    except ValueError as e:
+        raise UserError(f"{where}: entrypoint {entry!r}: {e}") from None
+    scripts = [i for i, w in enumerate(words) if Path(str(w)).name == "train.py"]
+    return [str(w) for w in words[scripts[0] + 1 :]] if scripts else []
+
+
+def apply_entrypoint_args(args: argparse.Namespace, exp_conf: dict, where: str) -> str:
+    """Give ``args`` the entrypoint's schedule flags and ``--set`` items; the command line's own win.
+
+    Returns the start-up line that says what was taken, or "" when the entrypoint gives nothing.
+    """
+    words = entrypoint_args(exp_conf, where)
+    if not words:
+        return ""
+    parser = argparse.ArgumentParser(prog="train.py", add_help=False, exit_on_error=False)
+    add_schedule_args(parser)
+    try:
+        entry, unknown = parser.parse_known_args(words)
+    except (argparse.ArgumentError, SystemExit) as e:
+        raise UserError(f"{where}: entrypoint arguments {' '.join(words)!r}: {e}") from None
+    if unknown:
+        raise UserError(f"{where}: entrypoint: train.py does not take {' '.join(unknown)!r}")
+    taken, overridden = [], []
+    if args.max_batches is not None or args.max_epochs is not None:  # one length: the command line's
+        overridden += [f"--{n.replace('_', '-')}" for n in ("max_batches", "max_epochs") if getattr(entry, n)]
+        entry.max_batches = entry.max_epochs = None
+    for name in SCHEDULE_FLAGS:
+        value, flag = getattr(entry, name), "--" + name.replace("_", "-")
+        if value is None:
+            continue
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+            taken.append(f"{flag} {value}")
+        else:
+            overridden.append(flag)
+    if entry.set:
+        args.set = [*entry.set, *args.set]  # later wins: the command line's --set after the entrypoint's
+        taken += [f"--set {item}" for item in entry.set]
+    if not taken and not overridden:
+        return ""
+    line = f"entrypoint arguments applied, as on a cluster: {' '.join(taken) or 'none'}"
+    return line + (f" (the command line's {', '.join(overridden)} win)" if overridden else "")
 
 
 def is_chief() -> bool:
@@ -231,7 +294,7 @@ def train_local(
         hparams, exp.config, output_dir, distributed, accumulate, keep_checkpoints=keep
     ) as context:
         trial = MMDetTrial(context, cfg, plan, output_dir)
-        runner.fit(trial, context, plan, latest, checkpoint_policy="all", resume_at_batch=resume_at)
+        runner.fit(trial, context, plan, latest, resume_at_batch=resume_at)
     return 0
 
 
@@ -312,6 +375,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_check(args: argparse.Namespace) -> int:
+    setup_logging()
+    from det_mmdet import check
+
+    return check.run(args.experiment)
+
+
 def cmd_compose(args: argparse.Namespace) -> int:
     from det_mmdet.compose import compose_experiment, submit, write
 
@@ -320,6 +390,17 @@ def cmd_compose(args: argparse.Namespace) -> int:
     if args.out is None:
         print(text, end="")
     if args.submit:
+        import tempfile
+
+        from det_mmdet import check
+
+        setup_logging()
+        with tempfile.TemporaryDirectory() as tmp:  # check reads an experiment file, as det would
+            composed = Path(args.out) if args.out else Path(tmp) / "experiment.yaml"
+            if args.out is None:
+                composed.write_text(text)
+            if check.run(composed) != 0:
+                raise UserError("compose --submit: det-mmdet check found problems (above); nothing submitted")
         print(f"created experiment {submit(experiment)}")
     return 0
 

@@ -116,10 +116,14 @@ def experiment_from_dict(raw: dict[str, Any], path: Path | None = None) -> Exper
 def experiment_for_trial(exp_conf: dict[str, Any], hparams: dict[str, Any]) -> Experiment:
     """A cluster trial's experiment: the experiment config with the searcher's sampled hyperparameters.
 
-    Determined hands nested hyperparameters as nested mappings of plain values, which
-    ``override_mmdet_config`` reads the same as dotted keys.
+    The master has already sampled every search space (a ``const`` arrives as its raw value, nesting
+    kept), so the values are taken as they are: resolving them again would read a sampled mapping
+    such as ``{optimizer: {type: AdamW}}`` as a search space. Nested mappings of plain values are read
+    by ``override_mmdet_config`` the same as dotted keys.
     """
-    return experiment_from_dict({**exp_conf, "hyperparameters": hparams})
+    if not isinstance(hparams, dict):
+        raise UserError(f"hyperparameters must be a mapping, the master sent {type(hparams).__name__}")
+    return Experiment(path=None, config={**exp_conf, "hyperparameters": hparams}, hparams=copy.deepcopy(hparams))
 
 
 def resolve_search_spaces(node: Any, name: str, notes: list[str]) -> Any:

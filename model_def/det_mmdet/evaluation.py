@@ -1,8 +1,9 @@
 """mmdet evaluators (CocoMetric, ...) over a validation set sharded across slots.
 
 Each slot runs ``metric.process`` on its own batches in ``evaluate_batch``; the per-image results
-are gathered through a Determined ``MetricReducer``, deduplicated by image id, put back in dataset
-order and scored once on the chief with ``metric.compute_metrics`` (mmdet's CocoMetric through
+are gathered to the chief alone (Determined's ``DistributedContext.gather``: its reducers' own
+allgather would copy every slot's results to every slot, only to be dropped there), deduplicated by
+image id, put back in dataset order and scored once on the chief with ``metric.compute_metrics`` (mmdet's CocoMetric through
 :mod:`det_mmdet.coco`). (An mmengine ``Evaluator``
 gathering on its own would hang: Determined runs full-dataset evaluation on the chief alone.)
 """
@@ -10,6 +11,7 @@ gathering on its own would hang: Determined runs full-dataset evaluation on the 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 from determined import pytorch
@@ -30,9 +32,17 @@ def _image_id(result: Any) -> Any:
 class EvaluatorReducer(pytorch.MetricReducer):
     """Collects results of every metric of an mmengine ``Evaluator`` and scores them once."""
 
-    def __init__(self, evaluator, is_chief: bool, count_fields: str = "num_classes") -> None:
+    def __init__(
+        self,
+        evaluator,
+        is_chief: bool,
+        count_fields: str = "num_classes",
+        gather: Callable[[Any], list[Any] | None] | None = None,
+    ) -> None:
         self.evaluator = evaluator
         self.is_chief = is_chief
+        self.gather = gather  # every slot's results -> a list on the chief, None elsewhere
+        self.gathered: list[Any] | None = None
         self.count_fields = count_fields  # the model config's class-count fields, for the error above
         self.last_table = ""  # the last validation's COCO table, printed once at the end of training
         self.reset()
@@ -58,12 +68,19 @@ class EvaluatorReducer(pytorch.MetricReducer):
                     f"{len(classes)} classes; set the model's class counts ({self.count_fields}) to {len(classes)}"
                 )
 
-    def per_slot_reduce(self) -> list[list[Any]]:
-        return self.results
+    def per_slot_reduce(self) -> list[list[Any]] | None:
+        if self.gather is None:
+            return self.results
+        # Every slot calls this at once; the results travel to the chief only, and nothing rides on
+        # the reducers' allgather that follows.
+        self.gathered = self.gather(self.results)
+        return None
 
-    def cross_slot_reduce(self, per_slot: list[list[list[Any]]]) -> dict[str, float]:
+    def cross_slot_reduce(self, per_slot: list[Any]) -> dict[str, float]:
         if not self.is_chief:
             return {}
+        if self.gathered is not None:
+            per_slot, self.gathered = self.gathered, None
         metrics: dict[str, float] = {}
         self.last_table = ""
         for i, metric in enumerate(self.evaluator.metrics):

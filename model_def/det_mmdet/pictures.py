@@ -107,5 +107,15 @@ class ValidationPictures(pytorch.PyTorchCallback):
         return self.writer
 
     def on_trial_shutdown(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
+        if self.writer is None:
+            return
+        self.writer.close()
+        if self.png_dir is None and self.trial.rank == 0:
+            # On a cluster Determined uploads TensorBoard files after each validation inside its loop,
+            # but not after the final one (_pytorch_trial.py, _train): without this the last
+            # validation's pictures never reach the web UI when the length is not a multiple of the
+            # validation period.
+            from determined import tensorboard
+
+            core_context = self.trial.context._core
+            core_context.train.upload_tensorboard_files(lambda _: True, tensorboard.util.get_rank_aware_path)

@@ -4,6 +4,12 @@ Lengths come from the command line (``--max-batches`` / ``--max-epochs``), else 
 searcher (``time_metric`` + ``max_time``, what ASHA stops on), else from the mmdet config's
 ``train_cfg`` (``max_epochs`` / ``max_iters``). Periods are in batches when given; otherwise
 validation follows ``train_cfg.val_interval`` in the loop's own unit.
+
+Checkpoints: policy ``all`` everywhere, so every validation leaves a checkpoint (Determined's
+``best`` would skip those that do not beat the experiment's best, and a restarted or preempted
+trial would go back to its last improving validation, or to batch 0); ``--checkpoint-period``
+adds more. Determined's checkpoint GC (``checkpoint_storage.save_trial_best`` / ``save_trial_latest``)
+decides what is kept.
 """
 
 from __future__ import annotations
@@ -20,6 +26,11 @@ from determined import pytorch
 from det_mmdet.errors import UserError
 
 logger = logging.getLogger("det_mmdet")
+
+
+# Training metrics every N batches, Determined's own default: on a cluster each report is a master
+# round trip, an allgather of the metrics and a preemption check (bench/README.md, "report boundary").
+DEFAULT_REPORT_PERIOD = 100
 
 
 @dataclass
@@ -79,7 +90,7 @@ def schedule(
     else:
         val = None
     ckpt = pytorch.Batch(checkpoint_period) if checkpoint_period else None
-    report = pytorch.Batch(reporting_period or 10)
+    report = pytorch.Batch(reporting_period or DEFAULT_REPORT_PERIOD)
     return Schedule(length, val, ckpt, report)
 
 
@@ -127,7 +138,7 @@ def fit(
     context: pytorch.PyTorchTrialContext,
     plan: Schedule,
     latest_checkpoint: str | None,
-    checkpoint_policy: str = "best",
+    checkpoint_policy: str = "all",
     resume_at_batch: int = 0,
 ) -> None:
     if resume_at_batch:

@@ -56,6 +56,30 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
         torch.backends.cudnn.benchmark = False
 
 
+def epoch_length(images: int, batch_size: int, slots: int) -> int:
+    """Determined's epoch: the chief's share of the batches, ceil(batches / slots).
+
+    Determined counts epochs by the chief's loader (``_PyTorchTrialController``), whose
+    ``DistributedBatchSampler`` takes one batch more than the others when the slots do not divide
+    the batches.
+    """
+    batches = -(-images // batch_size)
+    return max(1, -(-batches // slots))
+
+
+def choose_seed(config_seed: Any, trial_seed: int | None) -> tuple[int, str]:
+    """The run's seed and where it came from: the config's ``randomness.seed`` wins, as under the Runner.
+
+    Without one, a cluster trial takes Determined's trial seed (each trial of a search its own, from
+    ``reproducibility.experiment_seed``) and a local run 0: the one place the two differ (README).
+    """
+    if config_seed is not None:
+        return int(config_seed), "randomness.seed, on a cluster and locally alike"
+    if trial_seed is not None:
+        return int(trial_seed), "Determined's trial seed: the config sets no randomness.seed"
+    return 0, "no randomness.seed in the config; a cluster trial would take Determined's trial seed"
+
+
 def split_batch(batch: dict[str, Any], parts: int) -> list[dict[str, Any]]:
     """``parts`` consecutive slices of a collated batch (lists of inputs and data samples)."""
     if parts == 1:
@@ -155,8 +179,7 @@ class MMDetTrial(pytorch.PyTorchTrial):
         randomness = cfg.get("randomness") or {}
         info = det.get_cluster_info()
         on_cluster = info is not None and info.task_type == "TRIAL"
-        # On a cluster each trial has its own seed; locally the config's (mmengine's randomness.seed).
-        self.seed = context.get_trial_seed() if on_cluster else int(randomness.get("seed") or 0)
+        self.seed, self.seed_source = choose_seed(randomness.get("seed"), context.get_trial_seed() if on_cluster else None)
         self.loaded_from: str | None = None
         seed_everything(self.seed, bool(randomness.get("deterministic", False)))
 
@@ -175,7 +198,10 @@ class MMDetTrial(pytorch.PyTorchTrial):
         self.iter_schedulers, self.epoch_schedulers = self._build_schedulers(cfg, epoch_len)
 
         self.reducer = context.wrap_reducer(
-            EvaluatorReducer(self._build_evaluator(cfg), self.rank == 0, count_fields(cfg.model)), for_training=False
+            EvaluatorReducer(
+                self._build_evaluator(cfg), self.rank == 0, count_fields(cfg.model), context.distributed.gather
+            ),
+            for_training=False,
         )
         self.hooks = self._start_hooks(built_hooks, optim_wrapper, epoch_len, plan)
         if self.rank == 0:
@@ -185,21 +211,9 @@ class MMDetTrial(pytorch.PyTorchTrial):
     # ---- construction --------------------------------------------------------------------------
 
     def _build_model(self, cfg):
-        from mmdet.registry import MODELS
 
         check_class_counts(cfg.model, self.classes)  # before any weights are fetched
-        try:
-            model = MODELS.build(cfg.model)
-        except KeyError as e:  # the registry's "X is not in the model registry"
-            raise UserError(f"model: {e.args[0] if e.args else e}") from None
-        except (RuntimeError, ImportError) as e:  # mmdet's optional extras: "skimage is not installed"
-            found = re.search(r"(\w+) is not installed", str(e))
-            name = getattr(e, "name", None) or (found.group(1) if found else None)
-            if name is None:
-                raise
-            package = EXTRAS.get(name, name)
-            raise UserError(f"{cfg.model.get('type')} needs the {package} package: pip install {package}") from None
-        check_predictable(model)
+        model = build_detector(cfg.model)
         source = str(cfg.load_from) if cfg.get("load_from") else None
         state = weights.read_state_dict(weights.local_copy(source), source) if source else None
         weights.resolve_pretrained_inits(model, state)  # ImageNet backbones from the cache / mirror
@@ -246,8 +260,7 @@ class MMDetTrial(pytorch.PyTorchTrial):
         return optimizer, clip_grad, autocast, scaler, built
 
     def _epoch_length(self, slots: int) -> int:
-        batches = -(-len(self.train_set) // self.batch_size)
-        return max(1, batches // slots)
+        return epoch_length(len(self.train_set), self.batch_size, slots)
 
     def _build_schedulers(self, cfg, epoch_len: int):
         from mmengine.registry import PARAM_SCHEDULERS
@@ -320,6 +333,7 @@ class MMDetTrial(pytorch.PyTorchTrial):
             f"{self.batch_size} images per batch, {epoch_len} batches per epoch",
             f"length: {runner.max_iters} batches ({runner.max_epochs} epoch{'s' if runner.max_epochs != 1 else ''})",
             f"weights: {self.loaded_from or 'initialised by the config (no load_from)'}",
+            f"seed: {self.seed} ({self.seed_source})",
             f"hooks: {', '.join(self.hooks.names)}",
             f"validation: {', '.join(describe_metric(m) for m in self.reducer.evaluator.metrics)}",
         ]
@@ -549,6 +563,25 @@ def check_predictable(model: torch.nn.Module) -> None:
                 f"loss_cls, which {type(module).__name__} does not have (mmengine's Runner fails at its first "
                 "validation too); det-mmdet validates every run, so this model is not supported"
             )
+
+
+def build_detector(model_cfg: Any) -> torch.nn.Module:
+    """mmdet's model from its config, with one-line errors; weights are the caller's business."""
+    from mmdet.registry import MODELS
+
+    try:
+        model = MODELS.build(model_cfg)
+    except KeyError as e:  # the registry's "X is not in the model registry"
+        raise UserError(f"model: {e.args[0] if e.args else e}") from None
+    except (RuntimeError, ImportError) as e:  # mmdet's optional extras: "skimage is not installed"
+        found = re.search(r"(\w+) is not installed", str(e))
+        name = getattr(e, "name", None) or (found.group(1) if found else None)
+        if name is None:
+            raise
+        package = EXTRAS.get(name, name)
+        raise UserError(f"{model_cfg.get('type')} needs the {package} package: pip install {package}") from None
+    check_predictable(model)
+    return model
 
 
 def count_fields(model_cfg: Any) -> str:
