@@ -92,7 +92,7 @@ def main() -> None:
     args = p.parse_args()
     table = {way: measure(way, args.slots, args.images, args.masks) for way in ("allgather", "gather")}
     print(f"{args.slots} slots, {args.images} images, masks: {args.masks}")
-    print("| way | chief: peak RSS growth, images received | each other rank: peak RSS growth (max), images received | s |")
+    print("| way | chief: peak RSS growth, images received | other ranks: peak RSS growth (max), images received | s |")
     print("|---|---|---|---|")
     for way, rows in table.items():
         chief, others = rows[0], rows[1:]

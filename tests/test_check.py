@@ -38,7 +38,10 @@ def test_sample_points_cover_every_choice_and_bound():
     labels = [label for label, _ in sample_points(hparams)]
     assert labels[0] == "the local values"
     assert "merge_config='merge_configs/adamw.py'" in labels
-    assert {"override_mmdet_config.optim_wrapper.optimizer.lr=10^-4.5", "override_mmdet_config.optim_wrapper.optimizer.lr=10^-1.5"} <= set(labels)
+    assert {
+        "override_mmdet_config.optim_wrapper.optimizer.lr=10^-4.5",
+        "override_mmdet_config.optim_wrapper.optimizer.lr=10^-1.5",
+    } <= set(labels)
     (_, low_lr), *_ = [p for p in sample_points(hparams) if p[0].endswith("lr=10^-4.5")]
     assert low_lr["override_mmdet_config"]["optim_wrapper"]["optimizer"]["lr"] == pytest.approx(10**-4.5)
 
@@ -72,7 +75,10 @@ def test_problems_are_error_lines_and_exit_2(tmp_path):
     r = det_mmdet("check", path)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
-    assert any("train_dataloader.dataset.ann_file data/shapes/annotations/train.json" in e and ".detignore" in e for e in errors), errors
+    assert any(
+        "train_dataloader.dataset.ann_file data/shapes/annotations/train.json" in e and ".detignore" in e
+        for e in errors
+    ), errors
     assert any("searcher.metric segm_mAP: validation does not report it" in e for e in errors), errors
     assert any(e.startswith("error: override_mmdet_config.model.backbone.depth=19: ") for e in errors), errors
     assert "ok: FasterRCNN built" in r.stdout
@@ -86,8 +92,27 @@ def test_mounted_and_bucket_paths_are_named_not_checked(tmp_path):
     )
     r = det_mmdet("check", path)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "not checkable here: train_dataloader.dataset.ann_file /mnt/shapes/annotations/train.json (bind mount of /data/shapes/annotations/train.json on the agents)" in r.stdout
+    mounted = "/mnt/shapes/annotations/train.json (bind mount of /data/shapes/annotations/train.json on the agents)"
+    assert f"not checkable here: train_dataloader.dataset.ann_file {mounted}" in r.stdout
     path = write(tmp_path, {"override_mmdet_config": {"data_root": "s3://bucket/shapes/"}})
     r = det_mmdet("check", path)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "not checkable here: train_dataloader.dataset.ann_file s3://bucket/shapes/annotations/train.json (a bucket" in r.stdout
+    bucket = "s3://bucket/shapes/annotations/train.json (a bucket"
+    assert f"not checkable here: train_dataloader.dataset.ann_file {bucket}" in r.stdout
+
+
+def test_compose_submit_checks_first(tmp_path):
+    # A relative data_root under data/ (left out by model_def/.detignore): nothing reaches the master.
+    r = det_mmdet(
+        "compose",
+        "data=custom",
+        "hyperparameters.override_mmdet_config.data_root=data/my_dataset/",
+        "--submit",
+        cwd=tmp_path,
+        env={"DET_MASTER": "http://127.0.0.1:9"},
+    )
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert ".detignore leaves it out of the upload" in r.stderr
+    assert r.stderr.strip().splitlines()[-1] == (
+        "error: compose --submit: det-mmdet check found problems (above); nothing submitted"
+    )

@@ -28,6 +28,8 @@ logger = logging.getLogger("det_mmdet")
 # Keys each mmdet evaluator reports (CocoMetric's prefixes per metric kind); the controller adds the rest.
 COCO_KEYS = ("mAP", "mAP_50", "mAP_75", "mAP_s", "mAP_m", "mAP_l")
 ALWAYS_REPORTED = ("batches", "epochs", "val_images")
+# The parts of an mmdet config whose files a trial reads.
+TRIAL_READS = ("train_dataloader", "val_dataloader", "val_evaluator")
 
 
 # ---- the searcher's sample points ------------------------------------------------------------------
@@ -91,10 +93,14 @@ def sample_points(hparams: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
 
 
 def _ignored(context: Path) -> Any:
-    import pathspec  # what Determined's CLI reads .detignore with (determined.common.context)
+    import warnings
+
+    import pathspec  # read as Determined's CLI reads .detignore (determined/common/detignore.py)
 
     lines = (context / ".detignore").read_text().splitlines() if (context / ".detignore").is_file() else []
-    return pathspec.PathSpec.from_lines("gitwildmatch", lines)
+    with warnings.catch_warnings():  # newer pathspec deprecates the pattern class Determined uses
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return pathspec.PathSpec.from_lines(pathspec.patterns.GitWildMatchPattern, lines)
 
 
 def _dataset_paths(node: Any, where: str = "") -> Iterator[tuple[str, str, bool]]:
@@ -249,11 +255,9 @@ def check_paths(exp: Experiment, cfg, hparams: dict[str, Any]) -> tuple[list[str
             found.append((f"hyperparameters.{key}", path.relative_to(CONTEXT_DIR).as_posix(), False))
         else:
             lines.append(f"ok: hyperparameters.{key} {name} (mmdet's packaged configs, in the image)")
-    found += list(_dataset_paths(cfg.to_dict()))
-    evaluators = cfg.get("val_evaluator") or []
-    for i, spec in enumerate([evaluators] if isinstance(evaluators, dict) else evaluators):
-        if spec.get("ann_file"):
-            found.append((f"val_evaluator[{i}].ann_file", str(spec["ann_file"]), False))
+    tree = cfg.to_dict()
+    for key in TRIAL_READS:  # test_dataloader and leftovers such as a top-level train_dataset are not read
+        found += list(_dataset_paths(tree.get(key), key))
     if cfg.get("load_from"):
         found.append(("load_from", str(cfg.load_from), False))
     for key, path, is_dir in dict.fromkeys(found):

@@ -3,9 +3,9 @@
 Each slot runs ``metric.process`` on its own batches in ``evaluate_batch``; the per-image results
 are gathered to the chief alone (Determined's ``DistributedContext.gather``: its reducers' own
 allgather would copy every slot's results to every slot, only to be dropped there), deduplicated by
-image id, put back in dataset order and scored once on the chief with ``metric.compute_metrics`` (mmdet's CocoMetric through
-:mod:`det_mmdet.coco`). (An mmengine ``Evaluator``
-gathering on its own would hang: Determined runs full-dataset evaluation on the chief alone.)
+image id, put back in dataset order and scored once on the chief with ``metric.compute_metrics``
+(mmdet's CocoMetric through :mod:`det_mmdet.coco`). (An mmengine ``Evaluator`` gathering on its own
+would hang: Determined runs full-dataset evaluation on the chief alone.)
 """
 
 from __future__ import annotations

@@ -179,7 +179,9 @@ class MMDetTrial(pytorch.PyTorchTrial):
         randomness = cfg.get("randomness") or {}
         info = det.get_cluster_info()
         on_cluster = info is not None and info.task_type == "TRIAL"
-        self.seed, self.seed_source = choose_seed(randomness.get("seed"), context.get_trial_seed() if on_cluster else None)
+        self.seed, self.seed_source = choose_seed(
+            randomness.get("seed"), context.get_trial_seed() if on_cluster else None
+        )
         self.loaded_from: str | None = None
         seed_everything(self.seed, bool(randomness.get("deterministic", False)))
 
