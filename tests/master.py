@@ -266,6 +266,7 @@ def context_tgz(context: Path) -> str:
                 tar.add(item, arcname=item.name)
     return base64.b64encode(buffer.getvalue()).decode()
 
+
 # The files Determined's container entrypoint writes and det.get_cluster_info() reads (harness/determined/_info.py).
 INFO_DIR = Path("/run/determined/info")
 
