@@ -21,7 +21,11 @@ What it enforces, as the real master does where a trial would fail or be retried
   (``master/internal/api_checkpoint.go``, checkpoints are GC'd and restored by that list);
 - preemption: ``signals/preemption`` answers ``preempt: true`` once the trial has reported
   ``preempt_at_batch`` training batches (``master/internal/task/allocation_service.go``,
-  ``WatchPreemption``), and the trial must acknowledge it (``AckAllocationPreemptionSignal``).
+  ``WatchPreemption``), and the trial must acknowledge it (``AckAllocationPreemptionSignal``);
+- a searcher's early stop: after ``stop_after_validations`` validations the trial's state is
+  ``STATE_STOPPING_COMPLETED`` and nothing is sent to the trial, as 0.38.1 does for an ASHA stop
+  (``master/internal/experiment.go``, ``searcher.Stop`` -> ``trial.PatchSearcherState``;
+  ``master/internal/trial.go``, ``transition`` signals only canceled, killed and errored stops).
 Violations are answered HTTP 400 (the harness raises) and kept in ``violations``.
 """
 
@@ -60,6 +64,7 @@ class TestMaster:
     storage: Path
     searcher: dict[str, Any]
     preempt_at_batch: int | None = None
+    stop_after_validations: int | None = None
     slots: int = 1
     calls: list[Call] = field(default_factory=list)
     unknown: list[str] = field(default_factory=list)
@@ -213,7 +218,12 @@ class TestMaster:
         return None, {"metric": self.best if self.best is not None else 0.0}
 
     def _trial(self, path: str, body: Any) -> tuple[str | None, Any]:
-        return None, {"trial": {"id": 1, "experimentId": 1, "latestValidation": None}}
+        return None, {"trial": {"id": 1, "experimentId": 1, "latestValidation": None, "state": self.trial_state()}}
+
+    def trial_state(self) -> str:
+        stop = self.stop_after_validations
+        validated = len(self.metrics("validation"))
+        return "STATE_STOPPING_COMPLETED" if stop is not None and validated >= stop else "STATE_ACTIVE"
 
     def _context_directory(self, path: str, body: Any) -> tuple[str | None, Any]:
         return None, {"b64Tgz": context_tgz(CONTEXT_DIR)}

@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 from determined import pytorch
 
-from det_mmdet import checkpoint, data, hooks, logs, pictures, weights
+from det_mmdet import checkpoint, data, hooks, logs, pictures, searcher, weights
 from det_mmdet.errors import UserError
 from det_mmdet.evaluation import EvaluatorReducer
 from det_mmdet.runner import Schedule
@@ -475,6 +475,9 @@ class MMDetTrial(pytorch.PyTorchTrial):
         searcher_metric = (self.context.get_experiment_config().get("searcher") or {}).get("metric")
         if searcher_metric:
             callbacks["searcher_metric"] = SearcherMetricCheck(str(searcher_metric))
+        info = det.get_cluster_info()
+        if info is not None and info.task_type == "TRIAL":
+            callbacks["searcher_stop"] = searcher.SearcherStop(self.context, info, lambda: self.hooks.runner.iter)
         hparams = self.context.get_hparams()
         if hparams.get("early_stopping"):
             from det_mmdet import knobs
