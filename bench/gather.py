@@ -45,7 +45,8 @@ def peak_mib() -> float:
 def worker(rank: int, slots: int, port: int, way: str, images: int, masks: bool, queue) -> None:
     from determined import core
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(slots))
+    os.environ.update(LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(slots), GROUP_RANK="0", GROUP_WORLD_SIZE="1")
     dist.init_process_group("gloo", rank=rank, world_size=slots)
     distributed = core.DistributedContext.from_torch_distributed()
     mine = results(rank, slots, images, masks)

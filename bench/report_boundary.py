@@ -72,7 +72,7 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=3)
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        shapes = make_shapes(Path(tmp) / "shapes", train=48, val=8, seed=0)
+        shapes = make_shapes(Path(tmp) / "shapes", train=48, val=16, seed=0)  # a validation batch per slot
         print(f"{args.batches} batches, median of {args.repeat}, alternating")
         print("| slots | every batch: s, reports | once: s, reports | per extra boundary (ms) |")
         print("|---|---|---|---|")

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, det_mmdet, read_metrics, write_experiment
+from conftest import ROOT, det_mmdet, read_metrics, shapes_hparams, write_experiment
 from det_mmdet.checkpoint import newest_checkpoint
 
 TESTS = Path(__file__).resolve().parent
@@ -256,3 +256,19 @@ def test_rtmdet_on_two_slots_runs_the_hooks_on_every_rank(rtmdet, tmp_path, shap
         assert [x["hub"]["epoch"] for x in mine] == [i // EPOCH for i in range(4 * EPOCH)]
         assert {len(x["shapes"]) for x in mine} == {4}
         assert [x["shapes"][0][-1] for x in mine] == [128] * (2 * EPOCH) + [96] * (2 * EPOCH)
+
+
+def test_a_runner_checkpoint_is_read_weights_only_and_loads_as_load_from(rtmdet, tmp_path, shapes):
+    """epoch_4.pth as mmengine's Runner wrote it (MessageHub, numpy values, EMA): no full unpickling."""
+    from det_mmdet import weights
+
+    path = rtmdet["exp"].parent / "rtmdet-work" / "epoch_4.pth"
+    with pytest.raises(Exception, match="Weights only load failed"):
+        torch.load(path, map_location="cpu")  # torch's own default refuses it
+    state = weights.read_state_dict(path, str(path))
+    assert state.keys() == rtmdet["runner_ckpt"]["state_dict"].keys()  # the EMA weights, as mmengine loads
+    assert all(torch.equal(state[k], v) for k, v in rtmdet["runner_ckpt"]["state_dict"].items())
+    hparams = {**shapes_hparams(shapes, "configs/shapes_rtmdet.py"), "global_batch_size": 8, "load_from": str(path)}
+    r = det_mmdet("train", write_experiment(tmp_path, hparams), "--output-dir", tmp_path / "o", "--max-batches", 1)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"loaded {len(state)} tensors from {path}" in r.stderr

@@ -150,7 +150,9 @@ class NotATensor:
 def test_a_checkpoint_with_arbitrary_objects_is_refused_not_unpickled(tmp_path):
     path = tmp_path / "pickled.pth"
     torch.save({"state_dict": {"w": torch.zeros(1)}, "extra": NotATensor()}, path)
-    with pytest.raises(UserError, match="is not a weights-only checkpoint"):
+    with pytest.raises(
+        UserError, match="allow-list for mmengine checkpoints accepts: test_weights.NotATensor; it was not"
+    ):
         weights.read_state_dict(path, str(path))
 
 

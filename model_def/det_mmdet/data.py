@@ -9,6 +9,7 @@ to a common size wastes little.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import random
@@ -24,6 +25,7 @@ from det_mmdet import (
     backends,  # noqa: F401  (registers the s3, gcs and fake file backends)
     logs,
 )
+from det_mmdet.environment import LoaderEnv
 from det_mmdet.errors import UserError
 
 logger = logging.getLogger("det_mmdet")
@@ -217,11 +219,13 @@ def aspect_flags(dataset) -> list[int]:
     return flags
 
 
-def seed_worker(worker_id: int) -> None:
-    """numpy and random in each loader worker follow torch's per-worker seed."""
+def seed_worker(worker_id: int, env: LoaderEnv | None = None) -> None:
+    """numpy and random in each loader worker follow torch's per-worker seed; env_cfg.mp_cfg's threads."""
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
     random.seed(seed)
+    if env is not None:
+        env.in_worker()
 
 
 # mmengine's samplers that this module's EpochShuffleSampler stands for (shuffled or in order).
@@ -229,7 +233,12 @@ SAMPLERS = ("DefaultSampler", "InfiniteSampler")
 
 
 def train_loader(
-    dataset, loader_cfg: dict[str, Any], batch_size: int, seed: int, at_epoch: Callable[[int], None] | None = None
+    dataset,
+    loader_cfg: dict[str, Any],
+    batch_size: int,
+    seed: int,
+    at_epoch: Callable[[int], None] | None = None,
+    env: LoaderEnv | None = None,
 ) -> pytorch.DataLoader:
     """Training batches: epoch-seeded order, aspect-ratio groups when the config asks for them."""
     sampler_cfg = loader_cfg.get("sampler") or {}
@@ -244,22 +253,27 @@ def train_loader(
         batches = torch.utils.data.BatchSampler(sampler, batch_size, drop_last=False)
     if at_epoch is not None:
         batches = EpochTaggedBatches(batches)
-    return _loader(NamedErrors(dataset, "train_dataloader", at_epoch), loader_cfg, batch_sampler=batches, seed=seed)
+    named = NamedErrors(dataset, "train_dataloader", at_epoch)
+    return _loader(named, loader_cfg, batch_sampler=batches, seed=seed, env=env)
 
 
-def val_loader(dataset, loader_cfg: dict[str, Any], batch_size: int) -> pytorch.DataLoader:
+def val_loader(
+    dataset, loader_cfg: dict[str, Any], batch_size: int, env: LoaderEnv | None = None
+) -> pytorch.DataLoader:
     batches = torch.utils.data.BatchSampler(torch.utils.data.SequentialSampler(dataset), batch_size, drop_last=False)
-    return _loader(NamedErrors(dataset, "val_dataloader"), loader_cfg, batch_sampler=batches, seed=0)
+    return _loader(NamedErrors(dataset, "val_dataloader"), loader_cfg, batch_sampler=batches, seed=0, env=env)
 
 
-def _loader(dataset, loader_cfg: dict[str, Any], batch_sampler, seed: int) -> pytorch.DataLoader:
+def _loader(dataset, loader_cfg: dict[str, Any], batch_sampler, seed: int, env: LoaderEnv | None) -> pytorch.DataLoader:
     workers = int(loader_cfg.get("num_workers", 0))
+    method = env.start_method if env is not None and workers > 0 else None
     return pytorch.DataLoader(
         dataset,
         batch_sampler=batch_sampler,
         num_workers=workers,
         collate_fn=pseudo_collate,
-        worker_init_fn=seed_worker,
+        worker_init_fn=functools.partial(seed_worker, env=env),
+        multiprocessing_context=method,
         generator=torch.Generator().manual_seed(seed),
         persistent_workers=bool(loader_cfg.get("persistent_workers", False)) and workers > 0,
         pin_memory=bool(loader_cfg.get("pin_memory", False)) and torch.cuda.is_available(),

@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 from determined import pytorch
 
-from det_mmdet import checkpoint, data, hooks, logs, pictures, searcher, weights
+from det_mmdet import checkpoint, data, environment, hooks, logs, pictures, runner_keys, searcher, weights
 from det_mmdet.errors import UserError
 from det_mmdet.evaluation import EvaluatorReducer
 from det_mmdet.runner import Schedule
@@ -160,6 +160,7 @@ class MMDetTrial(pytorch.PyTorchTrial):
         self.cfg = cfg
         self.output_dir = output_dir  # a local run's directory (pictures, TensorBoard); None on a cluster
         check_supported(cfg)
+        self.startup_notes = runner_keys.check(cfg)  # refuses in one line what the trial cannot honour
         logs.ignore_harmless_warnings()
         checkpoint.allow_numpy_rng_state()
         init_default_scope(cfg.get("default_scope", "mmdet"))
@@ -183,7 +184,12 @@ class MMDetTrial(pytorch.PyTorchTrial):
             randomness.get("seed"), context.get_trial_seed() if on_cluster else None
         )
         self.loaded_from: str | None = None
-        seed_everything(self.seed, bool(randomness.get("deterministic", False)))
+        # diff_rank_seed: each process's own random state, as the Runner's; the data order stays shared.
+        self._diff_rank_seed = bool(randomness.get("diff_rank_seed"))
+        own_seed = self.seed + self.rank if self._diff_rank_seed else self.seed
+        seed_everything(own_seed, bool(randomness.get("deterministic", False)))
+        self.loader_env, env_lines = environment.apply(cfg.get("env_cfg"), slots)
+        self.startup_notes += [f"env_cfg: {line}" for line in env_lines]
 
         self.train_set = data.build_dataset(cfg.train_dataloader.dataset, "train_dataloader.dataset")
         self.val_set = data.build_dataset(cfg.val_dataloader.dataset, "val_dataloader.dataset")
@@ -215,6 +221,8 @@ class MMDetTrial(pytorch.PyTorchTrial):
     def _build_model(self, cfg):
 
         check_class_counts(cfg.model, self.classes)  # before any weights are fetched
+        if cfg.get("data_preprocessor") is not None:  # the Runner's top-level default for the model's
+            cfg.model.setdefault("data_preprocessor", cfg.data_preprocessor)
         model = build_detector(cfg.model)
         source = str(cfg.load_from) if cfg.get("load_from") else None
         state = weights.read_state_dict(weights.local_copy(source), source) if source else None
@@ -244,6 +252,7 @@ class MMDetTrial(pytorch.PyTorchTrial):
             built = build_optim_wrapper(model, dict(type="OptimWrapper", **wrapper_cfg))
         optimizer = self.context.wrap_optimizer(built.optimizer)
         built.optimizer = optimizer  # hooks read learning rates through the wrapper (RuntimeInfoHook)
+        self._scale_lr(cfg.get("auto_scale_lr"), optimizer)  # before the schedulers record initial lrs
 
         autocast: contextlib.AbstractContextManager = contextlib.nullcontext()
         scaler = None
@@ -263,6 +272,20 @@ class MMDetTrial(pytorch.PyTorchTrial):
 
     def _epoch_length(self, slots: int) -> int:
         return epoch_length(len(self.train_set), self.batch_size, slots)
+
+    def _scale_lr(self, auto_scale_lr: dict[str, Any] | None, optimizer: torch.optim.Optimizer) -> None:
+        """mmengine's ``auto_scale_lr``: every group's lr times the global batch over ``base_batch_size``."""
+        if not auto_scale_lr or not auto_scale_lr.get("enable", False):
+            return
+        if not auto_scale_lr.get("base_batch_size"):
+            raise UserError("auto_scale_lr: enable=True needs base_batch_size")
+        real = self.batch_size * self.context.distributed.get_size()  # the Runner's world size x batch size
+        ratio = real / float(auto_scale_lr["base_batch_size"])
+        for group in optimizer.param_groups:
+            group["lr"] = group["lr"] * ratio
+        self.startup_notes.append(
+            f"auto_scale_lr: lr x {ratio:g} (global batch {real} / base_batch_size {auto_scale_lr['base_batch_size']})"
+        )
 
     def _build_schedulers(self, cfg, epoch_len: int):
         from mmengine.registry import PARAM_SCHEDULERS
@@ -335,9 +358,11 @@ class MMDetTrial(pytorch.PyTorchTrial):
             f"{self.batch_size} images per batch, {epoch_len} batches per epoch",
             f"length: {runner.max_iters} batches ({runner.max_epochs} epoch{'s' if runner.max_epochs != 1 else ''})",
             f"weights: {self.loaded_from or 'initialised by the config (no load_from)'}",
-            f"seed: {self.seed} ({self.seed_source})",
+            f"seed: {self.seed} ({self.seed_source})"
+            + (", + rank for each process's random state (randomness.diff_rank_seed)" if self._diff_rank_seed else ""),
             f"hooks: {', '.join(self.hooks.names)}",
             f"validation: {', '.join(describe_metric(m) for m in self.reducer.evaluator.metrics)}",
+            *self.startup_notes,
         ]
         if plan is not None and plan.validation_period is not None:
             unit = "epochs" if isinstance(plan.validation_period, pytorch.Epoch) else "batches"
@@ -353,11 +378,12 @@ class MMDetTrial(pytorch.PyTorchTrial):
 
     def build_training_data_loader(self) -> pytorch.DataLoader:
         at_epoch = self.loader_hooks.at_epoch if self.loader_hooks else None
-        return data.train_loader(self.train_set, self.cfg.train_dataloader, self.batch_size, self.seed, at_epoch)
+        loader_cfg = self.cfg.train_dataloader
+        return data.train_loader(self.train_set, loader_cfg, self.batch_size, self.seed, at_epoch, self.loader_env)
 
     def build_validation_data_loader(self) -> pytorch.DataLoader:
         size = int(self.cfg.val_dataloader.get("batch_size", 1))
-        return data.val_loader(self.val_set, self.cfg.val_dataloader, size)
+        return data.val_loader(self.val_set, self.cfg.val_dataloader, size, self.loader_env)
 
     def get_batch_length(self, batch: dict[str, Any]) -> int:
         return len(batch["inputs"])

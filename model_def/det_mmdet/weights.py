@@ -17,7 +17,6 @@ import functools
 import hashlib
 import logging
 import os
-import pickle
 import re
 import urllib.error
 import urllib.request
@@ -183,14 +182,14 @@ def _verify(path: Path, url: str, expected_size: int | None) -> None:
 
 
 def read_state_dict(path: Path, source: str) -> dict[str, torch.Tensor]:
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as e:  # not weights-only, or not a checkpoint
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(
-            f"load_from: {source} is not a weights-only checkpoint ({first[:200]}); "
-            "export it with `det-mmdet export` or save just its state_dict"
-        ) from None
+    """The weights of a checkpoint: a state_dict, det-mmdet's model.pth or one mmengine's Runner wrote.
+
+    A Runner checkpoint's ``state_dict`` holds the EMA weights where the run had an EMAHook (it swaps
+    them in before saving), which is what mmengine's own ``load_from`` loads too.
+    """
+    from det_mmdet import mmengine_checkpoints
+
+    checkpoint = mmengine_checkpoints.load(path, f"load_from: {source}")
     state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else None
     if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
         raise UserError(f"load_from: {source} holds no state_dict of tensors")

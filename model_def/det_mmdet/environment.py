@@ -1,0 +1,73 @@
+"""``env_cfg`` as mmengine's Runner applies it (``Runner.setup_env``), before loaders and model exist.
+
+``cudnn_benchmark``; ``mp_cfg``: OpenCV's thread count in the trial process and again in every
+loader worker (so it holds whatever the start method), the workers' start method given to each
+DataLoader rather than set process-wide, and ``OMP_NUM_THREADS`` / ``MKL_NUM_THREADS`` = 1 for
+several processes when unset, as the Runner does; ``resource_limit`` for open files. ``dist_cfg`` is
+Determined's: it starts the process group itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import resource
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from det_mmdet.errors import UserError
+
+logger = logging.getLogger("det_mmdet")
+
+START_METHODS = ("fork", "spawn", "forkserver")
+
+
+@dataclass(frozen=True)
+class LoaderEnv:
+    """What each loader worker needs from ``env_cfg.mp_cfg``."""
+
+    start_method: str | None = None
+    opencv_threads: int | None = None
+
+    def in_worker(self) -> None:
+        if self.opencv_threads is not None:
+            import cv2
+
+            cv2.setNumThreads(self.opencv_threads)
+
+
+def apply(env_cfg: dict[str, Any] | None, processes: int) -> tuple[LoaderEnv, list[str]]:
+    """Apply ``env_cfg`` to this process; the loader workers' part and the start-up lines back."""
+    env_cfg = dict(env_cfg or {})
+    lines = []
+    if env_cfg.get("cudnn_benchmark"):
+        torch.backends.cudnn.benchmark = True
+        lines.append("cudnn.benchmark on")
+    mp_cfg = dict(env_cfg.get("mp_cfg") or {})
+    unknown = sorted(set(mp_cfg) - {"mp_start_method", "opencv_num_threads"})
+    if unknown:
+        raise UserError(f"env_cfg.mp_cfg: unknown keys {unknown} (choose mp_start_method, opencv_num_threads)")
+    method = mp_cfg.get("mp_start_method")
+    if method is not None and method not in START_METHODS:
+        raise UserError(f"env_cfg.mp_cfg.mp_start_method {method!r}: choose {', '.join(START_METHODS)}")
+    threads = mp_cfg.get("opencv_num_threads")
+    if threads is not None:
+        import cv2
+
+        cv2.setNumThreads(int(threads))
+    if processes > 1:
+        for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            if name not in os.environ:
+                os.environ[name] = "1"
+                lines.append(f"{name}=1 (unset, {processes} processes)")
+    limit = env_cfg.get("resource_limit", 4096)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = min(max(int(limit), soft), hard) if hard != resource.RLIM_INFINITY else max(int(limit), soft)
+    if wanted != soft:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+    loader = LoaderEnv(method, None if threads is None else int(threads))
+    if method or threads is not None:
+        lines.append(f"loader workers: start method {method or 'default'}, OpenCV threads {threads}")
+    return loader, lines
