@@ -164,3 +164,14 @@ def test_load_from_a_missing_file_is_one_line_error(tmp_path, shapes):
         r.returncode == 2
         and r.stderr.strip().splitlines()[-1] == f"error: load_from: {tmp_path}/nope.pth does not exist"
     )
+
+
+def test_reading_a_runner_checkpoint_leaves_the_process_allow_list_as_it_was(tmp_path):
+    from det_mmdet import checkpoint
+
+    checkpoint.allow_numpy_rng_state()  # what the trial allows for Determined's own checkpoints
+    before = set(torch.serialization.get_safe_globals())
+    path = tmp_path / "plain.pth"
+    torch.save({"state_dict": {"w": torch.zeros(1)}}, path)
+    weights.read_state_dict(path, str(path))
+    assert set(torch.serialization.get_safe_globals()) == before

@@ -68,8 +68,10 @@ def load(path: Path, what: str) -> dict[str, Any]:
             f"{what}: needs classes that neither torch's weights-only loader nor det-mmdet's "
             f"allow-list for mmengine checkpoints accepts: {', '.join(unknown)}; it was not unpickled"
         )
+    # The context removes what it added on exit: leave alone what was allowed already (Determined's RNG state).
+    present = torch.serialization.get_safe_globals()
     try:
-        with torch.serialization.safe_globals(entries):
+        with torch.serialization.safe_globals([e for e in entries if e not in present]):
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
