@@ -61,3 +61,13 @@ def test_eval_bench_times_both_metrics_on_the_same_results():
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [line for line in proc.stdout.splitlines() if line.startswith(("| bbox |", "| segm |"))]
     assert len(rows) == 2 and all(row.endswith("| yes |") for row in rows), proc.stdout
+
+
+def test_loader_threads_bench_runs_both_loaders():
+    """A miniature bench/loader_threads.py: mmdet's RTMDet pipeline through both loaders."""
+    cmd = [sys.executable, "bench/loader_threads.py", "--images", "16", "--repeat", "1"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| ") and "images/s" not in line]
+    assert [row.split("|")[1].strip() for row in rows] == ["OpenCV default", "mp_cfg opencv_num_threads=0"]
+    assert all(float(row.split("|")[2]) > 0 for row in rows)
