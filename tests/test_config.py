@@ -268,3 +268,23 @@ def test_local_choice_of_search_space_is_logged(tmp_path, capsys):
     assert main(["train", str(exp), "--print-config"]) == 0
     captured = capsys.readouterr()
     assert note in captured.err and "lr=0.02" in captured.out
+
+
+def test_a_list_given_where_the_config_has_a_tuple_becomes_a_tuple():
+    """YAML has no tuples; RandomResize reads a list scale as a choice among scales, a tuple as one scale."""
+    rtmdet = "rtmdet/rtmdet_tiny_8xb32-300e_coco.py"
+    sets = parse_set(["train_dataloader.dataset.pipeline.3.scale=[320, 320]"])
+    cfg = resolve({"config_file": rtmdet, "override_mmdet_config": {"train_pipeline_stage2.2.scale": [256, 256]}}, sets)
+    step = cfg.train_dataloader.dataset.pipeline[3]
+    assert step.type == "RandomResize" and step.scale == (320, 320) and isinstance(step.scale, tuple)
+    assert cfg.train_pipeline_stage2[2].scale == (256, 256)
+    # Test pipelines too: Resize (1333, 800) given as a YAML list.
+    cfg = resolve({"config_file": FASTER, "override_mmdet_config": {"test_pipeline.1.scale": [666, 400]}})
+    assert cfg.test_pipeline[1].scale == (666, 400)
+    from mmdet.registry import TRANSFORMS
+    from mmengine.registry import init_default_scope
+
+    init_default_scope("mmdet")
+    TRANSFORMS.build(cfg.test_pipeline[1])  # built as mmdet builds it
+    resize = TRANSFORMS.build(dict(step))
+    assert resize.scale == (320, 320)

@@ -285,6 +285,12 @@ def _merged(old: Any, new: Any) -> Any:
         return out
     if isinstance(new, dict):
         return {k: v for k, v in new.items() if k != "_delete_"}
+    if isinstance(old, tuple) and isinstance(new, list):
+        # YAML has no tuples; where the config holds one (RandomResize's scale: a list there would mean
+        # a choice among scales), the value given in its place is a tuple too.
+        if len(old) == len(new):
+            return tuple(_merged(o, n) for o, n in zip(old, new, strict=True))
+        return tuple(copy.deepcopy(new))
     return copy.deepcopy(new)
 
 
