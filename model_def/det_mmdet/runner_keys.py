@@ -128,30 +128,28 @@ def _value(cfg, key: str) -> Any:
     return cfg.get(key) if hasattr(cfg, "get") else None
 
 
+def _entries(cfg):
+    """``(name, status, why, value, default)`` for every classified key, top level first."""
+    for key, (status, why) in TOP.items():
+        yield key, status, why, _value(cfg, key), RUNNER_DEFAULTS.get(key)
+    for section, keys in SECTIONS.items():
+        body = _value(cfg, section) or {}
+        for key, (status, why) in keys.items():
+            yield f"{section}.{key}", status, why, body.get(key), False if status == REFUSED else None
+
+
 def check(cfg) -> list[str]:
     """Refuse what the trial cannot honour (one ``error:`` line); return the start-up lines for the rest."""
-    for key, (status, why) in TOP.items():
-        value = _value(cfg, key)
-        if status == REFUSED and value not in (None, RUNNER_DEFAULTS.get(key)):
-            raise UserError(f"{key}={value!r} is not supported by det-mmdet: {why}")
-    for section, keys in SECTIONS.items():
-        body = _value(cfg, section) or {}
-        for key, (status, why) in keys.items():
-            if status == REFUSED and body.get(key) not in (None, False):
-                if section == "visualizer" and key == "vis_backends":
-                    _check_backends(body[key])
-                    continue
-                raise UserError(f"{section}.{key}={body[key]!r} is not supported by det-mmdet: {why}")
-    replaced = [
-        f"{key} ({why})"
-        for key, (status, why) in TOP.items()
-        if status == REPLACED and _value(cfg, key) not in (None, RUNNER_DEFAULTS.get(key))
-    ]
-    for section, keys in SECTIONS.items():
-        body = _value(cfg, section) or {}
-        for key, (status, why) in keys.items():
-            if status == REPLACED and body.get(key) is not None and section != "log_processor":
-                replaced.append(f"{section}.{key} ({why})")
+    replaced = []
+    for name, status, why, value, default in _entries(cfg):
+        if value is None or value == default:
+            continue
+        if status == REFUSED and name == "visualizer.vis_backends":
+            _check_backends(value)
+        elif status == REFUSED:
+            raise UserError(f"{name}={value!r} is not supported by det-mmdet: {why}")
+        elif status == REPLACED and not name.startswith("log_processor."):  # named once, at the top level
+            replaced.append(f"{name} ({why})")
     return [f"replaced by Determined: {', '.join(replaced)}"] if replaced else []
 
 

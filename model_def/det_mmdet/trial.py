@@ -180,6 +180,7 @@ class MMDetTrial(pytorch.PyTorchTrial):
         randomness = cfg.get("randomness") or {}
         info = det.get_cluster_info()
         on_cluster = info is not None and info.task_type == "TRIAL"
+        self.cluster_info = info if on_cluster else None
         self.seed, self.seed_source = choose_seed(
             randomness.get("seed"), context.get_trial_seed() if on_cluster else None
         )
@@ -501,9 +502,9 @@ class MMDetTrial(pytorch.PyTorchTrial):
         searcher_metric = (self.context.get_experiment_config().get("searcher") or {}).get("metric")
         if searcher_metric:
             callbacks["searcher_metric"] = SearcherMetricCheck(str(searcher_metric))
-        info = det.get_cluster_info()
-        if info is not None and info.task_type == "TRIAL":
-            callbacks["searcher_stop"] = searcher.SearcherStop(self.context, info, lambda: self.hooks.runner.iter)
+        if self.cluster_info is not None:
+            runner = self.hooks.runner
+            callbacks["searcher_stop"] = searcher.SearcherStop(self.context, self.cluster_info, lambda: runner.iter)
         hparams = self.context.get_hparams()
         if hparams.get("early_stopping"):
             from det_mmdet import knobs
