@@ -45,6 +45,7 @@ class EvaluatorReducer(pytorch.MetricReducer):
         self.gathered: list[Any] | None = None
         self.count_fields = count_fields  # the model config's class-count fields, for the error above
         self.last_table = ""  # the last validation's COCO table, printed once at the end of training
+        self.names: dict[str, str] = {}  # reported key -> mmengine's name (the metric's prefix: coco/bbox_mAP)
         self.reset()
 
     def reset(self) -> None:
@@ -105,4 +106,5 @@ class EvaluatorReducer(pytorch.MetricReducer):
                 if isinstance(value, (int, float)) and not isinstance(value, bool):
                     # pycocotools writes -1 for "no ground truth of this size"; NaN means the same.
                     metrics[key] = -1.0 if math.isnan(value) else float(value)
+                    self.names[key] = f"{metric.prefix}/{key}" if getattr(metric, "prefix", None) else key
         return metrics
