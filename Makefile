@@ -14,13 +14,14 @@ IMAGE ?= ghcr.io/your-org/det-mmdet:0.1.0
 
 setup: $(STAMP)
 
-# torch first, then mmcv compiled against it with its C++ ops (~12 min on 2 cores, once: pip keeps
-# the wheel in its cache), then everything else from the same pins, then this project (editable).
-$(STAMP): requirements.txt requirements-dev.txt pyproject.toml
+# torch and its torchvision first, then mmcv compiled against them with its C++ ops (docker/build-mmcv.sh:
+# ~25 min on 2 cores, once: the wheel is kept in ~/.cache/det-mmdet/wheels), then everything else from
+# the same pins, then this project (editable).
+$(STAMP): requirements.txt requirements-dev.txt pyproject.toml docker/build-mmcv.sh
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip "setuptools>=77,<81" wheel ninja
-	$(BIN)/pip install -q "$$(grep '^torch==' requirements.txt)"
-	$(BIN)/pip install -q --no-build-isolation "$$(grep '^mmcv==' requirements.txt)"
+	$(BIN)/pip install -q "$$(grep '^torch==' requirements.txt)" "$$(grep '^torchvision==' requirements.txt)"
+	bash docker/build-mmcv.sh $(BIN)/python
 	$(BIN)/pip install -q -r requirements.txt -r requirements-dev.txt
 	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
 	touch $@

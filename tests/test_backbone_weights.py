@@ -38,7 +38,7 @@ def conv1(out) -> torch.Tensor:
 
 
 def test_torchvision_scheme_reads_mmengines_table_and_the_cache(tmp_path, shapes):
-    """``torchvision://resnet18`` without torchvision installed: mmengine's URL table, then the cache."""
+    """``torchvision://resnet18``: mmengine's URL table, then the cache."""
     cache = tmp_path / "cache"
     cached = cache / "weights" / R18_URL.split("://", 1)[1]
     cached.parent.mkdir(parents=True)
@@ -101,6 +101,20 @@ def test_scheme_names_come_from_mmengines_tables():
     ):
         weights.scheme_url("torchvision://resnet5", "model.backbone.init_cfg.checkpoint")
     assert mmengine.__version__  # the tables are mmengine's own, shipped with the pinned release
+
+
+def test_torchvision_is_installed_with_its_ops_and_weight_tables():
+    """torchvision matches the pinned torch: its C++ ops run, and torchvision:// names its weights enums."""
+    import torchvision
+    from torchvision.models import ResNet18_Weights
+    from torchvision.ops import nms
+
+    boxes = torch.tensor([[0, 0, 10, 10], [1, 1, 10, 10], [20, 20, 30, 30]], dtype=torch.float32)
+    assert nms(boxes, torch.tensor([0.9, 0.8, 0.7]), 0.5).tolist() == [0, 2]
+    url = ResNet18_Weights.IMAGENET1K_V1.url
+    assert url == R18_URL, torchvision.__version__
+    for name in ("resnet18", "resnet18.imagenet1k_v1", "ResNet18_Weights.IMAGENET1K_V1"):  # as mmengine's loader
+        assert weights.scheme_url(f"torchvision://{name}", "x") == url, name
 
 
 def test_load_from_that_covers_the_backbone_skips_its_imagenet_download(tmp_path, monkeypatch):

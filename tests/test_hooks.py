@@ -42,6 +42,7 @@ def parity_overrides(record: Path) -> dict:
         "train_dataloader.sampler.shuffle": False,
         "train_cfg.max_epochs": 4,
         "train_cfg.val_interval": 2,  # and the configs' dynamic_intervals [(4, 1)]
+        "default_hooks.checkpoint.interval": 1,  # the Runner's epoch_2.pth, for the resume tests
     }
     return {**loader, "custom_imports": {"imports": ["recording_hooks"], "allow_failed_imports": False}}
 
@@ -109,6 +110,18 @@ def records(path: Path) -> tuple[list[dict], list[dict]]:
     return [x for x in lines if "losses" in x], [x for x in lines if "validation_at" in x]
 
 
+def run_runner(config: Path, work_dir: Path, **env: str) -> subprocess.CompletedProcess:
+    runner = subprocess.run(
+        [sys.executable, "-c", RUNNER, str(config), str(work_dir)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, **ENV, **env},
+    )
+    assert runner.returncode == 0, runner.stderr[-3000:]
+    return runner
+
+
 def run_both(tmp: Path, name: str, hparams_for, shapes: Path, config: str) -> dict:
     """det-mmdet and the Runner on one resolved config; their records, outputs and final weights."""
     start = start_weights(config, tmp / "start.pth")
@@ -122,14 +135,7 @@ def run_both(tmp: Path, name: str, hparams_for, shapes: Path, config: str) -> di
     out = tmp / f"{name}-ours"
     ours = det_mmdet("train", exp, "--output-dir", out, "--report-period", 1, env=ENV)
     assert ours.returncode == 0, ours.stderr[-3000:]
-    runner = subprocess.run(
-        [sys.executable, "-c", RUNNER, str(resolved), str(tmp / f"{name}-work")],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**os.environ, **ENV},
-    )
-    assert runner.returncode == 0, runner.stderr[-3000:]
+    run_runner(resolved, tmp / f"{name}-work")
     # The Runner's own checkpoint of its last epoch, written by this test: a full pickle by design.
     last = torch.load(tmp / f"{name}-work" / "epoch_4.pth", map_location="cpu", weights_only=False)
     mine = torch.load(newest_checkpoint(out / "checkpoints") / "model.pth", weights_only=True)
@@ -272,3 +278,89 @@ def test_a_runner_checkpoint_is_read_weights_only_and_loads_as_load_from(rtmdet,
     r = det_mmdet("train", write_experiment(tmp_path, hparams), "--output-dir", tmp_path / "o", "--max-batches", 1)
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"loaded {len(state)} tensors from {path}" in r.stderr
+
+
+# mmengine 0.10's Runner reads its own checkpoints (HistoryBuffer, numpy) with a plain torch.load, which torch's
+# weights-only default refuses: the reference is run with torch's own switch, for the files this test wrote.
+RUNNER_OWN_FILES = {"TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1"}
+
+
+def resumed_experiment(tmp: Path, shapes: Path, record: Path, start: Path, checkpoint: Path) -> Path:
+    hparams = rtmdet_hparams(shapes, record, start)
+    hparams["override_mmdet_config"].update({"load_from": str(checkpoint), "resume": True})
+    return write_experiment(tmp, hparams, name="resumed.yaml")
+
+
+def runner_config(exp: Path, ours: Path, theirs: Path, path: Path) -> Path:
+    r = det_mmdet("train", exp, "--print-config", env=ENV)
+    assert r.returncode == 0, r.stderr[-3000:]
+    path.write_text(r.stdout.replace(str(ours), str(theirs)))
+    return path
+
+
+def test_a_runner_checkpoint_resumes_as_the_runner_resumes_it(rtmdet, tmp_path, shapes):
+    """resume=True, load_from=epoch_2.pth (the Runner's, with EMA): det-mmdet and the Runner continue it alike."""
+    saved = rtmdet["exp"].parent / "rtmdet-work" / "epoch_2.pth"
+    ours_rec, runner_rec = tmp_path / "ours.jsonl", tmp_path / "runner.jsonl"
+    exp = resumed_experiment(tmp_path, shapes, ours_rec, rtmdet["exp"].parent / "start.pth", saved)
+    run_runner(runner_config(exp, ours_rec, runner_rec, tmp_path / "runner.py"), tmp_path / "work", **RUNNER_OWN_FILES)
+    out = tmp_path / "ours"
+    r = det_mmdet("train", exp, "--output-dir", out, "--report-period", 1, env=ENV)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"resume=True: continues mmengine's Runner checkpoint {saved} at iteration {2 * EPOCH} (epoch 2)" in r.stderr
+    (ours, ours_val), (ref, ref_val) = records(ours_rec), records(runner_rec)
+    assert [x["iter"] for x in ours] == list(range(2 * EPOCH + 1, 4 * EPOCH + 1))  # batches 13..24 only
+    assert_same_training(ours, ref)
+    assert_same_training(ours, rtmdet["runner"][0][2 * EPOCH :])  # and as the Runner's uninterrupted run
+    assert validations(ours_val) == validations(ref_val)
+    final = torch.load(newest_checkpoint(out / "checkpoints") / "model.pth", weights_only=True)
+    theirs = torch.load(tmp_path / "work" / "epoch_4.pth", map_location="cpu", weights_only=False)
+    assert_same_weights(final["state_dict"], theirs["state_dict"])
+    assert_same_weights(final["ema_state_dict"], theirs["ema_state_dict"])
+
+
+def test_export_mmengine_is_a_checkpoint_the_runner_resumes(rtmdet, tmp_path, shapes):
+    """det-mmdet trains 2 epochs, exports --mmengine; the Runner continues it as det-mmdet itself would."""
+    record = tmp_path / "first.jsonl"
+    exp = write_experiment(tmp_path, rtmdet_hparams(shapes, record, rtmdet["exp"].parent / "start.pth"))
+    out = tmp_path / "run"
+    first = det_mmdet("train", exp, "--output-dir", out, "--max-epochs", 2, env=ENV)
+    assert first.returncode == 0, first.stderr[-3000:]
+    exported = tmp_path / "epoch_2.pth"
+    r = det_mmdet("export", out, "--mmengine", exported)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"mmengine's Runner checkpoint at iteration {2 * EPOCH}, epoch 2" in r.stderr
+    torch.load(exported, map_location="cpu", weights_only=True)  # tensors and plain types only
+
+    runner_rec = tmp_path / "runner.jsonl"
+    resumed = resumed_experiment(tmp_path, shapes, record, rtmdet["exp"].parent / "start.pth", exported)
+    run_runner(runner_config(resumed, record, runner_rec, tmp_path / "runner.py"), tmp_path / "work")  # weights-only
+    ref, _ = records(runner_rec)
+    assert [x["iter"] for x in ref] == list(range(2 * EPOCH + 1, 4 * EPOCH + 1))
+    assert_same_training(ref, rtmdet["ours"][0][2 * EPOCH :])
+    theirs = torch.load(tmp_path / "work" / "epoch_4.pth", map_location="cpu", weights_only=False)
+    assert_same_weights(theirs["state_dict"], rtmdet["ours_ckpt"]["state_dict"])
+    assert_same_weights(theirs["ema_state_dict"], rtmdet["ours_ckpt"]["ema_state_dict"])
+
+
+def test_runner_checkpoints_export_predict_and_evaluate(rtmdet, tmp_path, shapes):
+    """A Runner work_dir (its last_checkpoint) or epoch_N.pth works where a det-mmdet model directory does."""
+    work = rtmdet["exp"].parent / "rtmdet-work"
+    r = det_mmdet("export", work / "epoch_4.pth", "--out", tmp_path / "model", env=ENV)
+    assert r.returncode == 0, r.stderr[-3000:]
+    model = torch.load(tmp_path / "model" / "model.pth", weights_only=True)
+    for k, v in rtmdet["runner_ckpt"]["state_dict"].items():  # the EMA weights, as the Runner's load_from reads
+        assert torch.equal(model["state_dict"][k], v), k
+    assert model["meta"]["dataset_meta"]["classes"] == list(rtmdet["runner_ckpt"]["meta"]["dataset_meta"]["classes"])
+    scores = []
+    for source in (work, tmp_path / "model"):
+        out = tmp_path / f"eval-{source.name}"
+        r = det_mmdet("evaluate", source, "--ann", shapes / "annotations" / "val.json", "--images", shapes / "val",
+                      "--out", out, env=ENV)  # fmt: skip
+        assert r.returncode == 0, r.stderr[-3000:]
+        scores.append(json.loads((out / "metrics.json").read_text()))
+    assert scores[0] == scores[1]
+    image = sorted((shapes / "val").iterdir())[0]
+    r = det_mmdet("predict", work / "epoch_4.pth", image, "--out", tmp_path / "pred", env=ENV)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (tmp_path / "pred" / "results.json").is_file()

@@ -3,8 +3,9 @@
 ``cudnn_benchmark``; ``mp_cfg``: OpenCV's thread count in the trial process and again in every
 loader worker (so it holds whatever the start method), the workers' start method given to each
 DataLoader rather than set process-wide, and ``OMP_NUM_THREADS`` / ``MKL_NUM_THREADS`` = 1 for
-several processes when unset, as the Runner does; ``resource_limit`` for open files. ``dist_cfg`` is
-Determined's: it starts the process group itself.
+several processes when unset, as the Runner does; ``resource_limit`` for open files. ``dist_cfg``:
+the process group's backend and timeout, started here (Determined takes a process group the trial
+started, ``pytorch.init(distributed=...)``), as the Runner's ``init_dist`` starts it.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import logging
 import os
 import resource
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -41,6 +43,7 @@ class LoaderEnv:
 def apply(env_cfg: dict[str, Any] | None, processes: int) -> tuple[LoaderEnv, list[str]]:
     """Apply ``env_cfg`` to this process; the loader workers' part and the start-up lines back."""
     env_cfg = dict(env_cfg or {})
+    dist_settings(env_cfg.get("dist_cfg"))  # a single process starts no group: its settings are checked all the same
     lines = []
     if env_cfg.get("cudnn_benchmark"):
         torch.backends.cudnn.benchmark = True
@@ -71,3 +74,44 @@ def apply(env_cfg: dict[str, Any] | None, processes: int) -> tuple[LoaderEnv, li
     if method or threads is not None:
         lines.append(f"loader workers: start method {method or 'default'}, OpenCV threads {threads}")
     return loader, lines
+
+
+DIST_KEYS = ("backend", "timeout")
+BACKENDS = ("nccl", "gloo")
+
+
+def init_process_group(dist_cfg: dict[str, Any] | None) -> str:
+    """Start torch's process group as ``env_cfg.dist_cfg`` says; the start-up line back.
+
+    ``backend`` (nccl needs GPUs: a process without one uses gloo, and says so) and ``timeout`` (seconds),
+    the two keys mmengine's ``init_dist`` passes for a torchrun-style launch; any other key stops here.
+    """
+    import torch.distributed as dist
+
+    backend, kwargs, note = dist_settings(dist_cfg)
+    dist.init_process_group(backend, **kwargs)
+    shown = f", timeout {kwargs['timeout'].total_seconds():g} s" if kwargs else ""
+    return f"process group: {backend}{shown}{note}"
+
+
+def dist_settings(dist_cfg: dict[str, Any] | None) -> tuple[str, dict[str, Any], str]:
+    """``(backend, init_process_group kwargs, note)`` from ``dist_cfg``; one ``error:`` line for what it cannot be."""
+    dist_cfg = dict(dist_cfg or {})
+    unknown = sorted(set(dist_cfg) - set(DIST_KEYS))
+    if unknown:
+        raise UserError(
+            f"env_cfg.dist_cfg: {', '.join(unknown)} not supported (det-mmdet passes {', '.join(DIST_KEYS)})"
+        )
+    backend = dist_cfg.get("backend") or ("nccl" if torch.cuda.is_available() else "gloo")
+    if backend not in BACKENDS:
+        raise UserError(f"env_cfg.dist_cfg.backend {backend!r}: choose {', '.join(BACKENDS)}")
+    note = ""
+    if backend == "nccl" and not torch.cuda.is_available():
+        backend, note = "gloo", " (dist_cfg.backend nccl needs GPUs: none here)"
+    kwargs: dict[str, Any] = {}
+    if dist_cfg.get("timeout") is not None:
+        seconds = dist_cfg["timeout"]
+        if not isinstance(seconds, (int, float)) or isinstance(seconds, bool) or seconds <= 0:
+            raise UserError(f"env_cfg.dist_cfg.timeout {seconds!r}: a positive number of seconds")
+        kwargs["timeout"] = timedelta(seconds=seconds)
+    return backend, kwargs, note

@@ -37,6 +37,60 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 # ---- export ---------------------------------------------------------------------------------------
 
 
+def runner_checkpoint(source: Path) -> Path | None:
+    """A checkpoint mmengine's Runner wrote: the ``.pth`` itself, or the one a work_dir's ``last_checkpoint`` names."""
+    if source.is_file() and source.suffix == ".pth":
+        return source
+    pointer = source / "last_checkpoint"
+    if not pointer.is_file():
+        return None
+    named = Path(pointer.read_text().strip())
+    for candidate in (named, source / named.name):  # the Runner writes the path it saved to
+        if candidate.is_file():
+            return candidate
+    raise UserError(f"{pointer} names {named}, which does not exist")
+
+
+def model_from_runner_checkpoint(path: Path, out: Path) -> dict[str, Any]:
+    """``model.pth`` + ``config.py`` from a Runner checkpoint: its ``state_dict`` (EMA weights where the run had
+    an EMAHook, what mmengine's ``load_from`` and ``tools/test.py`` load) and the config saved in ``meta.cfg``."""
+    from mmengine.config import Config
+
+    from det_mmdet import mmengine_checkpoints
+
+    saved = mmengine_checkpoints.load(path, str(path))
+    meta = saved.get("meta") if isinstance(saved.get("meta"), dict) else {}
+    if not meta.get("cfg") or "state_dict" not in saved:
+        raise UserError(f"{path}: not a checkpoint of mmengine's Runner (no meta.cfg / state_dict)")
+    cfg = Config.fromstring(meta["cfg"], file_format=".py")
+    test_mode_config(cfg)
+    dataset_meta = {k: v for k, v in (meta.get("dataset_meta") or {}).items() if k in ("classes", "palette")}
+    model = {
+        "state_dict": {k.removeprefix("module."): v for k, v in saved["state_dict"].items()},
+        "meta": {"dataset_meta": plain(dataset_meta), "epoch": meta.get("epoch"), "iter": meta.get("iter")},
+    }
+    if "ema_state_dict" in saved:
+        model["ema_state_dict"] = saved["ema_state_dict"]
+    out.mkdir(parents=True, exist_ok=True)
+    torch.save(model, out / MODEL_FILE)
+    cfg.dump(str(out / CONFIG_FILE))
+    return model
+
+
+def model_files(source: Path, scratch: Path) -> Path:
+    """A directory with ``config.py`` + ``model.pth`` for ``source``: a model directory, a det-mmdet
+    checkpoint or run, or a Runner checkpoint / work_dir (exported into ``scratch`` first)."""
+    runner_file = runner_checkpoint(source) if source.exists() else None
+    if runner_file is not None:
+        model_from_runner_checkpoint(runner_file, scratch)
+        return scratch
+    found = find_checkpoint(source)
+    for name in (CONFIG_FILE, MODEL_FILE):
+        if not (found / name).is_file():
+            raise UserError(f"{found}: no {name} (make a model directory with `det-mmdet export`)")
+    return found
+
+
 def find_checkpoint(source: Path) -> Path:
     """``source`` itself when it is a checkpoint, else the newest complete one of a run directory."""
     if not source.exists():
@@ -61,6 +115,13 @@ def test_mode_config(cfg) -> None:
 def export(source: Path, out: Path) -> Path:
     from det_mmdet.config import load_config_file
 
+    runner_file = runner_checkpoint(source) if source.exists() else None
+    if runner_file is not None:
+        saved = model_from_runner_checkpoint(runner_file, out)
+        classes = saved["meta"]["dataset_meta"].get("classes") or []
+        logger.info("exported %s (mmengine's Runner) -> %s (%d classes; %s)", runner_file, out, len(classes),
+                    weights_kind(saved))  # fmt: skip
+        return out
     ckpt = find_checkpoint(source)
     cfg = load_config_file(ckpt / CONFIG_FILE, "checkpoint config")
     test_mode_config(cfg)
@@ -84,20 +145,78 @@ def export(source: Path, out: Path) -> Path:
     return out
 
 
+def export_mmengine(source: Path, out: Path) -> Path:
+    """A checkpoint mmengine's Runner resumes from (``resume=True, load_from=OUT``) from a det-mmdet checkpoint.
+
+    The Runner's layout: ``meta`` (epoch, iter, seed, cfg, dataset_meta), ``state_dict`` as the hooks left it
+    (EMA weights with EMAHook, the trained ones in ``ema_state_dict``), ``optimizer`` (with AmpOptimWrapper's
+    ``loss_scaler``), ``param_schedulers`` in config order, and the MessageHub's iteration and epoch.
+    Tensors and plain types only: torch's weights-only loader (the Runner's, by default) reads it.
+    """
+    import mmengine
+
+    ckpt = find_checkpoint(source)
+    if not (ckpt / "state_dict.pth").is_file():
+        raise UserError(f"{ckpt}: --mmengine needs a training checkpoint (with state_dict.pth), not a model directory")
+    allow_numpy_rng_state()
+    determined = torch.load(ckpt / "state_dict.pth", map_location="cpu", weights_only=True)
+    hooks = (determined.get("callbacks") or {}).get("mmdet_hooks")
+    if not hooks:
+        raise UserError(f"{ckpt}: no mmdet hooks' state: not a checkpoint of det-mmdet's MMDetTrial")
+    state = {k.removeprefix("module."): v for k, v in determined["models_state_dict"][0].items()}
+    optimizer = dict(determined["optimizers_state_dict"][0])
+    if "scaler_state_dict" in determined:
+        optimizer["loss_scaler"] = determined["scaler_state_dict"]
+    epoch, iteration = int(hooks["meta"]["epoch"]), int(hooks["meta"]["iter"])
+    text = (ckpt / CONFIG_FILE).read_text()
+    model = (
+        torch.load(ckpt / MODEL_FILE, map_location="cpu", weights_only=True) if (ckpt / MODEL_FILE).is_file() else {}
+    )
+    meta = {
+        "epoch": epoch,
+        "iter": iteration,
+        "seed": hooks["meta"].get("seed"),
+        "cfg": text,
+        "dataset_meta": (model.get("meta") or {}).get("dataset_meta", {}),
+        "experiment_name": ckpt.name,
+        "mmengine_version": mmengine.__version__,
+    }
+    saved = {
+        "meta": meta,
+        "state_dict": {**state, **hooks["replaced"]},
+        "message_hub": {
+            "log_scalars": {},
+            "runtime_info": {"epoch": epoch, "iter": iteration},
+            "resumed_keys": {"epoch": True, "iter": True},
+        },
+        "optimizer": optimizer,
+        "param_schedulers": list(determined.get("lr_schedulers_state_dict") or []),
+        **hooks["added"],
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(saved, out)
+    logger.info(
+        "exported %s -> %s (mmengine's Runner checkpoint at iteration %d, epoch %d)", ckpt, out, iteration, epoch
+    )
+    return out
+
+
 # ---- predict --------------------------------------------------------------------------------------
 
 
 def inferencer(model_dir: Path, device: str | None = None):
+    """mmdet's DetInferencer on a model directory, checkpoint, run, or Runner checkpoint (read weights-only)."""
     from mmdet.apis import DetInferencer
 
-    model_dir = find_checkpoint(model_dir)
-    for name in (CONFIG_FILE, MODEL_FILE):
-        if not (model_dir / name).is_file():
-            raise UserError(f"{model_dir}: no {name} (make a model directory with `det-mmdet export`)")
+    from det_mmdet import logs
+
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return DetInferencer(
-        model=str(model_dir / CONFIG_FILE), weights=str(model_dir / MODEL_FILE), device=device, show_progress=False
-    )
+    # DetInferencer has read both files when it returns; its loader's and registry's lines only with --verbose.
+    with tempfile.TemporaryDirectory() as scratch, logs.inferencer_chatter():
+        files = model_files(model_dir, Path(scratch))
+        return DetInferencer(
+            model=str(files / CONFIG_FILE), weights=str(files / MODEL_FILE), device=device, show_progress=False
+        )
 
 
 def collect_inputs(inputs: Iterable[str], scratch: Path) -> list[tuple[str, Path]]:
@@ -186,8 +305,10 @@ def evaluate(
             raise UserError(f"{thing} {path} does not exist")
     from mmengine.config import Config
 
-    model = inferencer(model_dir).model
-    cfg = Config.fromfile(str(find_checkpoint(model_dir) / CONFIG_FILE))  # DetInferencer edits its copy's pipeline
+    with tempfile.TemporaryDirectory() as scratch:
+        files = model_files(model_dir, Path(scratch))
+        model = inferencer(files).model
+        cfg = Config.fromfile(str(files / CONFIG_FILE))  # DetInferencer edits its copy's pipeline
     test_mode_config(cfg)
     dataset_cfg = dict(cfg.test_dataloader.dataset)
     classes = list(model.dataset_meta.get("classes") or [])

@@ -291,7 +291,12 @@ class HookSet:
         """The checkpoint the Runner would save now: model weights, then ``before_save_checkpoint``."""
         from det_mmdet.checkpoint import unwrap
 
-        meta = {"epoch": self.runner.epoch, "iter": self.runner.iter, "dataset_meta": dataset_meta}
+        meta = {
+            "epoch": self.runner.epoch,
+            "iter": self.runner.iter,
+            "seed": self.runner.seed,
+            "dataset_meta": dataset_meta,
+        }
         state = {k: v.detach() for k, v in unwrap(model).state_dict().items()}
         checkpoint = {"meta": meta, "state_dict": state}
         self.call("before_save_checkpoint", checkpoint=checkpoint)
@@ -330,7 +335,8 @@ class HooksCallback(pytorch.PyTorchCallback):
         own = unwrap(self.model).state_dict()
         replaced = {k: v.cpu() for k, v in checkpoint["state_dict"].items() if not _same(v, own.get(k))}
         added = {k: to_cpu(v) for k, v in checkpoint.items() if k not in ("meta", "state_dict")}
-        return {"meta": {k: checkpoint["meta"][k] for k in ("epoch", "iter")}, "replaced": replaced, "added": added}
+        meta = {k: checkpoint["meta"][k] for k in ("epoch", "iter", "seed")}
+        return {"meta": meta, "replaced": replaced, "added": added}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         from det_mmdet.checkpoint import unwrap

@@ -79,3 +79,22 @@ def load(path: Path, what: str) -> dict[str, Any]:
     if not isinstance(checkpoint, dict):
         raise UserError(f"{what}: holds a {type(checkpoint).__name__}, not a checkpoint dict")
     return checkpoint
+
+
+# What Runner.resume reads from a checkpoint besides the weights.
+RESUME_KEYS = ("meta", "optimizer", "message_hub")
+
+
+def check_resumable(checkpoint: dict[str, Any], what: str) -> dict[str, Any]:
+    """The checkpoint's ``meta`` when it holds everything ``Runner.resume`` reads; else one line saying what not."""
+    missing = [k for k in RESUME_KEYS if k not in checkpoint]
+    meta = checkpoint.get("meta") if isinstance(checkpoint.get("meta"), dict) else {}
+    missing += [f"meta.{k}" for k in ("epoch", "iter") if k not in meta]
+    if missing:
+        raise UserError(
+            f"{what}: resume=True needs a checkpoint written by mmengine's Runner or `det-mmdet export --mmengine`; "
+            f"this one has no {', '.join(missing)} (resume=False loads its weights only)"
+        )
+    if isinstance(checkpoint.get("param_schedulers"), dict):
+        raise UserError(f"{what}: param_schedulers for several optimizers: det-mmdet trains one optimizer")
+    return meta

@@ -141,8 +141,11 @@ def fit(
     checkpoint_policy: str = "all",
     resume_at_batch: int = 0,
 ) -> None:
+    continues_at = int(getattr(trial, "continues_at", 0))
+    if latest_checkpoint is None and continues_at:  # resume=True from a Runner checkpoint, not restarted since
+        latest_checkpoint, resume_at_batch = seed_checkpoint(trial, context, plan, continues_at), continues_at
     if resume_at_batch:
-        resume_locally(trial, context, plan, latest_checkpoint, resume_at_batch)
+        controller(trial, context, plan, latest_checkpoint, resume_at_batch).run()
     else:
         trainer = pytorch.Trainer(trial, context)
         trainer.fit(
@@ -158,36 +161,73 @@ def fit(
         final_report()
 
 
-def resume_locally(
+def controller(
     trial: pytorch.PyTorchTrial,
     context: pytorch.PyTorchTrialContext,
     plan: Schedule,
     latest_checkpoint: str | None,
     steps_completed: int,
-) -> None:
-    """``Trainer.fit`` for a local run continuing from a checkpoint taken at ``steps_completed``.
+) -> pytorch._PyTorchTrialController:
+    """``Trainer.fit``'s controller for a run continuing from a checkpoint taken at ``steps_completed``.
 
     Determined's local mode always starts its data stream and batch count at 0 (only a cluster
-    passes the trial's steps completed), so a resumed local run would replay the first batches and
+    passes the trial's steps completed), and a cluster passes only the steps of its own checkpoints;
+    a run resumed locally, or continuing a Runner checkpoint, would replay the first batches and
     count validation periods and epoch ends from the restart. This builds the same controller that
-    ``Trainer.fit`` builds, with the checkpoint's batch count, as the cluster does.
+    ``Trainer.fit`` builds, with the checkpoint's batch count, as the cluster does after a restart.
     """
-    controller = pytorch._PyTorchTrialController(
+    import determined as det
+
+    info = det.get_cluster_info()
+    on_cluster = info is not None and info.task_type == "TRIAL"
+    searcher = (info.trial._config.get("searcher") or {}) if on_cluster else {}
+    return pytorch._PyTorchTrialController(
         trial_inst=trial,
         context=context,
         checkpoint_period=plan.checkpoint_period or pytorch.Batch(sys.maxsize),
         validation_period=plan.validation_period or pytorch.Batch(sys.maxsize),
-        smaller_is_better=True,
+        smaller_is_better=bool(searcher.get("smaller_is_better", True)),
         steps_completed=steps_completed,
         latest_checkpoint=latest_checkpoint,
-        local_training=True,
+        local_training=not on_cluster,
         test_mode=False,
         reporting_period=plan.reporting_period,
-        searcher_metric_name=None,
+        searcher_metric_name=searcher.get("metric"),
         checkpoint_policy="all",
         step_zero_validation=False,
         max_length=plan.max_length,
         global_batch_size=None,
         profiling_enabled=False,
     )
-    controller.run()
+
+
+def seed_checkpoint(
+    trial: pytorch.PyTorchTrial, context: pytorch.PyTorchTrialContext, plan: Schedule, steps: int
+) -> str:
+    """A Determined checkpoint of the trial as built (a Runner checkpoint restored), at batch ``steps``.
+
+    Determined counts batches from its own checkpoints only; this one, written by Determined's own
+    checkpoint code with the Runner's iteration as batches trained, is where the run then continues
+    (and where a restart on a cluster comes back to before the next checkpoint).
+    """
+    first = controller(trial, context, plan, None, steps)
+    epoch_len = max(1, int(getattr(trial, "epoch_len", 1)))
+    # The Runner validated (or chose not to) before it saved: no validation is due at this batch.
+    first.state = pytorch._TrialState(
+        trial_id=first.trial_id, batches_trained=steps, epochs_trained=steps // epoch_len, last_val=steps
+    )
+    stored = StorageId()
+    first.callbacks["det_mmdet_seed_checkpoint"] = stored
+    first._checkpoint(already_exiting=False)
+    if not stored.uuid:
+        raise RuntimeError("Determined reported no storage id for the checkpoint it wrote")
+    return stored.uuid
+
+
+class StorageId(pytorch.PyTorchCallback):
+    """The storage id Determined gives a checkpoint (every rank hears it)."""
+
+    uuid = ""
+
+    def on_checkpoint_upload_end(self, uuid: str) -> None:
+        self.uuid = uuid

@@ -88,15 +88,24 @@ def pretrained_url(config_path: Path) -> str:
 
 
 def scheme_url(source: str, what: str) -> str:
-    """The URL behind mmengine's checkpoint schemes, from the tables mmengine ships; others unchanged."""
+    """The URL behind mmengine's checkpoint schemes, from the tables mmengine reads; others unchanged.
+
+    ``torchvision://`` names come from ``get_torchvision_models``, as mmengine's own loader takes them:
+    its table of torchvision 0.12 names plus the installed torchvision's weights (``resnet50.imagenet1k_v1``,
+    ``ResNet50_Weights.IMAGENET1K_V1``).
+    """
     if not source.startswith(SCHEMES):
         return source
-    import mmengine
-    from mmengine.runner.checkpoint import get_deprecated_model_names, get_external_models, get_mmcls_models
+    from mmengine.runner.checkpoint import (
+        get_deprecated_model_names,
+        get_external_models,
+        get_mmcls_models,
+        get_torchvision_models,
+    )
 
     scheme, name = source.split("://", 1)
     if scheme in ("torchvision", "modelzoo"):
-        table = mmengine.load(os.path.join(mmengine.__path__[0], "hub", "torchvision_0.12.json"))
+        table = get_torchvision_models()
     elif scheme == "mmcls":
         table = get_mmcls_models()
     else:
