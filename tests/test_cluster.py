@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from det_mmdet.checkpoint import newest_checkpoint, steps_completed
 from master import TestMaster, clear_info, full_config, prepare_container, trial_env
 
 PYTHON = sys.executable
@@ -163,6 +164,38 @@ def test_preempted_trial_continues_to_the_weights_of_an_uninterrupted_run(tmp_pa
         assert master.violations == [] and master.unknown == []
         resumed = final_weights(master)
     assert whole.keys() == resumed.keys()  # model.pth holds the EMA weights RTMDet validates with
+    for key, value in whole.items():
+        assert torch.equal(value, resumed[key]), key
+
+
+def test_a_runner_checkpoint_resumed_on_a_cluster_ends_as_the_laptop_run(tmp_path, shapes):
+    """resume=True with load_from (a Runner-format checkpoint at batch 2, from `export --mmengine`): the
+    trial's first checkpoint is that state at batch 2, it trains batches 3 and 4, and ends on the weights of
+    the uninterrupted local run."""
+    from conftest import det_mmdet, write_experiment
+
+    # RTMDet with its EMA; no random step anywhere (the Runner's checkpoints carry no random state).
+    fixed = [*RANDOM_PIPELINE[:2], {"type": "Resize", "scale": 128, "keep_ratio": True}, RANDOM_PIPELINE[-1]]
+    hp = hparams(shapes, "configs/shapes_rtmdet.py", **{"train_dataloader.dataset.pipeline": fixed})
+    hp["global_batch_size"] = 8
+    local = tmp_path / "local"
+    exp = write_experiment(tmp_path, hp)
+    r = det_mmdet("train", exp, "--output-dir", local, "--max-batches", 4, "--checkpoint-period", 2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    at_two = next(d for d in (local / "checkpoints").iterdir() if d.is_dir() and steps_completed(d) == 2)
+    saved = tmp_path / "iter_2.pth"
+    assert det_mmdet("export", at_two, "--mmengine", saved).returncode == 0
+    whole = torch.load(newest_checkpoint(local / "checkpoints") / "model.pth", weights_only=True)["state_dict"]
+
+    hp["override_mmdet_config"].update({"load_from": str(saved), "resume": True})
+    with TestMaster(storage=tmp_path / "storage", searcher=SEARCHER) as master:
+        r = run_trial(tmp_path, master, hp, ["--max-batches", "4", "--report-period", "1"])
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        assert master.unknown == [] and master.violations == []
+        assert [c["metadata"]["steps_completed"] for c in master.reported_checkpoints()] == [2, 4]
+        assert [m["steps"] for m in master.metrics("training")] == [3, 4]
+        resumed = final_weights(master)
+    assert whole.keys() == resumed.keys()
     for key, value in whole.items():
         assert torch.equal(value, resumed[key]), key
 
