@@ -337,6 +337,8 @@ DATA_KEYS = (
     "annotation_cache_dir",
     "classes_from_annotations",
     "coco_backend",
+    "fast_transforms",
+    "annotation_cache",
 )
 CACHE_KEYS = ("cache_dir", "cache_max_gb", "annotation_cache_dir")
 
@@ -576,6 +578,14 @@ def build_config(exp: Experiment, sets: Mapping[str, Any] | None = None):
         from det_mmdet.coco import check_backend
 
         check_backend(exp.data["coco_backend"])
+    if "fast_transforms" in exp.data:
+        from det_mmdet.fast_transforms import check_enabled
+
+        check_enabled(exp.data["fast_transforms"])
+    if "annotation_cache" in exp.data:
+        from det_mmdet.annotation_cache import check_setting
+
+        check_setting(exp.data["annotation_cache"])
     backend_args = backend_args_from_data(exp.data, tree.get("data_root"))
     if backend_args is not None or exp.data.get("backend_args") or exp.data.get("file_client_args"):
         substitute_backend_args(tree, backend_args)

@@ -1,0 +1,446 @@
+"""Faster versions of mmdet 3.3.0's heaviest training transforms, with the same outputs.
+
+Each class here subclasses mmdet's transform of the same name: same parameters, same ``__init__``,
+same random draws (the same ``numpy.random`` calls in the same order, as mmdet's module makes them, through mmdet's own
+``get_indexes`` and ``_get_hsv_gains``), and outputs equal bit for bit. Only the arithmetic differs:
+
+    MixUp, CachedMixUp   canvases and the blend in uint8 (mmdet fills float64 canvases with
+                         ``np.ones * pad_val`` and blends in float32; ``trunc(0.5 a + 0.5 b)`` is
+                         ``(a + b) >> 1`` exactly), only the crop window is built, no deep copy of the
+                         mixed-in sample; MixUp learns which samples have boxes from the annotations
+                         instead of decoding an image (when the inner pipeline only loads)
+    Mosaic, CachedMosaic no deep copies of the four samples (boxes are cloned, images only read), no
+                         resize of an image already at its mosaic size (OpenCV copies those)
+    YOLOXHSVRandomAug    the hue/saturation/value shifts as one lookup table instead of int16 arrays
+
+Where the fast path cannot promise equal outputs (not 3-channel uint8 images, a pad value that is
+not a whole number in 0..255) the transform runs mmdet's code unchanged, decided before any draw.
+
+``swap(dataset, True)`` turns the transforms of a built dataset into these, in place (the instance's
+class changes; its parameters stay), so that wrappers that look transforms up by their config type
+(``MultiImageMixDataset``'s ``skip_type_keys``) behave as before. ``swap_hooks`` does the same for
+the pipelines that ``PipelineSwitchHook`` builds later. The trial applies both unless the
+experiment sets ``data.fast_transforms: false``.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import cv2
+import mmcv
+import numpy as np
+import torch
+from mmdet.datasets.transforms import transforms as mmdet_transforms
+from mmdet.registry import TRANSFORMS
+from mmdet.structures.bbox import BaseBoxes, autocast_box_type
+
+from det_mmdet.errors import UserError
+
+KNOB = "data.fast_transforms"
+MOSAIC_LOCATIONS = ("top_left", "top_right", "bottom_left", "bottom_right")
+
+
+def check_enabled(value: Any, where: str = KNOB) -> bool:
+    if not isinstance(value, bool):
+        raise UserError(f"{where}: {value!r} is not true or false")
+    return value
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers
+
+
+def copy_results(results: dict) -> dict:
+    """What ``copy.deepcopy(results)`` gives, without deepcopy's per-object bookkeeping for arrays and boxes."""
+    out = {}
+    for key, value in results.items():
+        if isinstance(value, np.ndarray):
+            out[key] = value.copy(order="K")
+        elif isinstance(value, BaseBoxes):
+            out[key] = value.clone()
+        elif isinstance(value, torch.Tensor):
+            out[key] = value.clone()
+        elif isinstance(value, (str, int, float, bool, type(None))):
+            out[key] = value
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def uint8_pad(pad_val: Any) -> np.ndarray | None:
+    """``pad_val`` as three uint8 channel values, or None where mmdet's canvas would hold other values."""
+    try:
+        values = np.broadcast_to(np.asarray(pad_val, dtype=np.float64), (3,))
+    except (TypeError, ValueError):
+        return None  # mmdet's own code will say what is wrong with it
+    if not np.all((values == np.floor(values)) & (values >= 0) & (values <= 255)):
+        return None
+    return values.astype(np.uint8)
+
+
+def is_color_uint8(img: Any) -> bool:
+    return isinstance(img, np.ndarray) and img.dtype == np.uint8 and img.ndim == 3 and img.shape[2] == 3
+
+
+def filled(shape: tuple[int, ...], pad: np.ndarray) -> np.ndarray:
+    out = np.empty(shape, dtype=np.uint8)
+    out[...] = pad
+    return out
+
+
+def half_sum(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``floor((a + b) / 2)`` on uint8 without widening: what mmdet's float blend truncates to."""
+    return (a >> 1) + (b >> 1) + (a & b & 1)
+
+
+def resized(img: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """``mmcv.imresize(img, size)``; an image already of that size is returned as is (OpenCV copies it)."""
+    if size == (img.shape[1], img.shape[0]):
+        return img
+    return mmcv.imresize(img, size)
+
+
+# ---------------------------------------------------------------------------------------------
+# MixUp and CachedMixUp
+
+
+class MixUpPixels:
+    """The pixel work and box bookkeeping that MixUp and CachedMixUp share (mmdet's steps 1-8)."""
+
+    def _eligible(self, *images: Any) -> bool:
+        return uint8_pad(self.pad_val) is not None and all(is_color_uint8(img) for img in images)
+
+    def _mix(self, results: dict, retrieve: dict, boxes: BaseBoxes, with_mask: bool) -> dict:
+        """Mix ``retrieve`` (its boxes given as ``boxes``, changed in place) into ``results``."""
+        jit_factor = np.random.uniform(*self.ratio_range)
+        is_flip = np.random.uniform(0, 1) > self.flip_ratio
+        pad = uint8_pad(self.pad_val)
+        width, height = self.dynamic_scale
+        retrieve_img = retrieve["img"]
+        scale_ratio = min(height / retrieve_img.shape[0], width / retrieve_img.shape[1])
+        small = resized(
+            retrieve_img, (int(retrieve_img.shape[1] * scale_ratio), int(retrieve_img.shape[0] * scale_ratio))
+        )
+        canvas = filled((height, width, 3), pad)
+        canvas[: small.shape[0], : small.shape[1]] = small
+
+        scale_ratio *= jit_factor
+        jittered_size = (int(width * jit_factor), int(height * jit_factor))
+        if jittered_size != (width, height):
+            # mmdet resizes its canvas in the canvas's own dtype (float64 or int64), values then truncated
+            # to uint8; the same call on the same values here.
+            canvas_dtype = (np.ones(1, dtype=retrieve_img.dtype) * self.pad_val).dtype
+            canvas = mmcv.imresize(canvas.astype(canvas_dtype), jittered_size)
+        if is_flip:
+            canvas = canvas[:, ::-1, :]
+
+        ori_img = results["img"]
+        origin_h, origin_w = canvas.shape[:2]
+        target_h, target_w = ori_img.shape[:2]
+        padded_h, padded_w = max(origin_h, target_h), max(origin_w, target_w)
+        x_offset, y_offset = 0, 0
+        if padded_h > target_h:
+            y_offset = np.random.randint(0, padded_h - target_h)
+        if padded_w > target_w:
+            x_offset = np.random.randint(0, padded_w - target_w)
+        window = filled((target_h, target_w, 3), pad)
+        rows, cols = max(0, min(target_h, origin_h - y_offset)), max(0, min(target_w, origin_w - x_offset))
+        window[:rows, :cols] = canvas[y_offset : y_offset + rows, x_offset : x_offset + cols]
+
+        boxes.rescale_([scale_ratio, scale_ratio])
+        if with_mask:
+            masks = retrieve["gt_masks"].rescale(scale_ratio)
+        if self.bbox_clip_border:
+            boxes.clip_([origin_h, origin_w])
+        if is_flip:
+            boxes.flip_([origin_h, origin_w], direction="horizontal")
+            if with_mask:
+                masks = masks.flip()
+        moved = boxes.clone()
+        moved.translate_([-x_offset, -y_offset])
+        if with_mask:
+            masks = masks.translate(out_shape=(target_h, target_w), offset=-x_offset, direction="horizontal")
+            masks = masks.translate(out_shape=(target_h, target_w), offset=-y_offset, direction="vertical")
+        if self.bbox_clip_border:
+            moved.clip_([target_h, target_w])
+
+        all_boxes = moved.cat((results["gt_bboxes"], moved), dim=0)
+        labels = np.concatenate((results["gt_bboxes_labels"], retrieve["gt_bboxes_labels"]), axis=0)
+        flags = np.concatenate((results["gt_ignore_flags"], retrieve["gt_ignore_flags"]), axis=0)
+        inside = all_boxes.is_inside([target_h, target_w]).numpy()
+
+        results["img"] = half_sum(ori_img, window)
+        results["img_shape"] = (target_h, target_w)
+        results["gt_bboxes"] = all_boxes[inside]
+        results["gt_bboxes_labels"] = labels[inside]
+        results["gt_ignore_flags"] = flags[inside]
+        if with_mask:
+            results["gt_masks"] = masks.cat([results["gt_masks"], masks])[inside]
+        return results
+
+
+@TRANSFORMS.register_module(name="FastMixUp", force=True)
+class FastMixUp(MixUpPixels, mmdet_transforms.MixUp):
+    """mmdet's ``MixUp`` (module docstring)."""
+
+    def get_indexes(self, dataset) -> int:
+        # Not marked @cache_randomness again (that would add to mmdet's class's list of such methods);
+        # MultiImageMixDataset, the only caller, caches nothing.
+        boxes = loaded_box_counts(dataset)
+        if boxes is None:
+            return mmdet_transforms.MixUp.__dict__["get_indexes"].func(self, dataset)
+        for _ in range(self.max_iters):
+            index = np.random.randint(0, len(dataset))
+            if boxes(index) != 0:
+                break
+        return index
+
+    def transform(self, results: dict) -> dict:
+        mix = results.get("mix_results")
+        if not (mix and len(mix) == 1 and self._eligible(results["img"], mix[0]["img"])):
+            return super().transform(results)
+        return self._fast(results)
+
+    @autocast_box_type()
+    def _fast(self, results: dict) -> dict:
+        mix = results["mix_results"]
+        if mix[0]["gt_bboxes"].shape[0] == 0:
+            return results
+        # mmdet changes the mixed-in sample's boxes in place too (MultiImageMixDataset drops them after).
+        return self._mix(results, mix[0], mix[0]["gt_bboxes"], with_mask=False)
+
+
+@TRANSFORMS.register_module(name="FastCachedMixUp", force=True)
+class FastCachedMixUp(MixUpPixels, mmdet_transforms.CachedMixUp):
+    """mmdet's ``CachedMixUp`` (module docstring)."""
+
+    def transform(self, results: dict) -> dict:
+        if not self._eligible(results["img"], *(r["img"] for r in self.results_cache)):
+            return super().transform(results)
+        return self._fast(results)
+
+    @autocast_box_type()
+    def _fast(self, results: dict) -> dict:
+        push(self, results)
+        if len(self.results_cache) <= 1:
+            return results
+        if np.random.uniform(0, 1) > self.prob:
+            return results
+        retrieve = self.results_cache[self.get_indexes(self.results_cache)]
+        if retrieve["gt_bboxes"].shape[0] == 0:
+            return results
+        return self._mix(results, retrieve, retrieve["gt_bboxes"].clone(), with_mask="gt_masks" in results)
+
+
+def push(transform: Any, results: dict) -> None:
+    """Cache a copy of ``results``, dropping one entry (at random or the oldest) when over the limit."""
+    cache = transform.results_cache
+    cache.append(copy_results(results))
+    if len(cache) > transform.max_cached_images:
+        index = np.random.randint(0, len(cache) - 1) if transform.random_pop else 0
+        cache.pop(index)
+
+
+def loaded_box_counts(dataset) -> Any:
+    """``index -> number of gt_bboxes`` read from the annotations, where the pipeline only loads.
+
+    mmdet's MixUp decodes a whole sample just to see whether it has boxes; with a pipeline of
+    ``LoadImageFromFile`` and ``LoadAnnotations(with_bbox=True)`` that number is the number of
+    instances in the annotation. Anything else: None (decode as mmdet does).
+    """
+    from mmcv.transforms import LoadImageFromFile
+    from mmdet.datasets.transforms import LoadAnnotations
+
+    pipeline = getattr(dataset, "pipeline", None)
+    transforms = getattr(pipeline, "transforms", None)
+    if not transforms or not hasattr(dataset, "get_data_info"):
+        return None
+    for t in transforms:
+        if type(t) is LoadImageFromFile and not t.ignore_empty:
+            continue
+        if type(t) is LoadAnnotations and t.with_bbox:
+            continue
+        return None
+    if not any(type(t) is LoadAnnotations for t in transforms):
+        return None
+    return lambda index: len(dataset.get_data_info(index).get("instances", []))
+
+
+# ---------------------------------------------------------------------------------------------
+# Mosaic and CachedMosaic
+
+
+class MosaicPixels:
+    """The four-image mosaic that Mosaic and CachedMosaic share, without copying the samples."""
+
+    def _mosaic(self, results: dict, others: list[dict], with_mask: bool) -> dict:
+        img = results["img"]
+        width, height = self.img_scale
+        shape = (int(height * 2), int(width * 2), 3) if len(img.shape) == 3 else (int(height * 2), int(width * 2))
+        canvas = np.full(shape, self.pad_val, dtype=img.dtype)
+        center = (
+            int(np.random.uniform(*self.center_ratio_range) * width),
+            int(np.random.uniform(*self.center_ratio_range) * height),
+        )
+        all_boxes, labels, flags, masks = [], [], [], []
+        for loc, patch in zip(MOSAIC_LOCATIONS, [results, *others], strict=True):
+            img_i = patch["img"]
+            h_i, w_i = img_i.shape[:2]
+            scale_i = min(height / h_i, width / w_i)
+            img_i = resized(img_i, (int(w_i * scale_i), int(h_i * scale_i)))
+            (x1_p, y1_p, x2_p, y2_p), (x1_c, y1_c, x2_c, y2_c) = self._mosaic_combine(
+                loc, center, img_i.shape[:2][::-1]
+            )
+            canvas[y1_p:y2_p, x1_p:x2_p] = img_i[y1_c:y2_c, x1_c:x2_c]
+            padw, padh = x1_p - x1_c, y1_p - y1_c
+            boxes = patch["gt_bboxes"].clone()
+            boxes.rescale_([scale_i, scale_i])
+            boxes.translate_([padw, padh])
+            all_boxes.append(boxes)
+            labels.append(patch["gt_bboxes_labels"])
+            flags.append(patch["gt_ignore_flags"])
+            if with_mask and patch.get("gt_masks", None) is not None:
+                out_shape = (int(width * 2), int(height * 2))  # (w, h) where masks want (h, w): as mmdet does
+                m = patch["gt_masks"].rescale(float(scale_i))
+                m = m.translate(out_shape=out_shape, offset=padw, direction="horizontal")
+                masks.append(m.translate(out_shape=out_shape, offset=padh, direction="vertical"))
+
+        boxes = all_boxes[0].cat(all_boxes, 0)
+        if self.bbox_clip_border:
+            boxes.clip_([2 * height, 2 * width])
+        inside = boxes.is_inside([2 * height, 2 * width]).numpy()
+        results["img"] = canvas
+        results["img_shape"] = canvas.shape[:2]
+        results["gt_bboxes"] = boxes[inside]
+        results["gt_bboxes_labels"] = np.concatenate(labels, 0)[inside]
+        results["gt_ignore_flags"] = np.concatenate(flags, 0)[inside]
+        if with_mask:
+            results["gt_masks"] = masks[0].cat(masks)[inside]
+        return results
+
+
+@TRANSFORMS.register_module(name="FastMosaic", force=True)
+class FastMosaic(MosaicPixels, mmdet_transforms.Mosaic):
+    """mmdet's ``Mosaic`` (module docstring)."""
+
+    @autocast_box_type()
+    def transform(self, results: dict) -> dict:
+        if np.random.uniform(0, 1) > self.prob:
+            return results
+        assert "mix_results" in results
+        return self._mosaic(results, results["mix_results"][:3], with_mask=False)
+
+
+@TRANSFORMS.register_module(name="FastCachedMosaic", force=True)
+class FastCachedMosaic(MosaicPixels, mmdet_transforms.CachedMosaic):
+    """mmdet's ``CachedMosaic`` (module docstring)."""
+
+    @autocast_box_type()
+    def transform(self, results: dict) -> dict:
+        push(self, results)
+        if len(self.results_cache) <= 4:
+            return results
+        if np.random.uniform(0, 1) > self.prob:
+            return results
+        others = [self.results_cache[i] for i in self.get_indexes(self.results_cache)]
+        return self._mosaic(results, others, with_mask="gt_masks" in results)
+
+
+# ---------------------------------------------------------------------------------------------
+# Colour
+
+
+@TRANSFORMS.register_module(name="FastYOLOXHSVRandomAug", force=True)
+class FastYOLOXHSVRandomAug(mmdet_transforms.YOLOXHSVRandomAug):
+    """mmdet's ``YOLOXHSVRandomAug``: the per-channel shifts of H, S and V as one lookup table."""
+
+    LEVELS = np.arange(256, dtype=np.int16)
+
+    def transform(self, results: dict) -> dict:
+        img = results["img"]
+        if not is_color_uint8(img):
+            return super().transform(results)
+        gains = self._get_hsv_gains()
+        table = np.empty((256, 1, 3), dtype=np.uint8)
+        table[:, 0, 0] = (self.LEVELS + gains[0]) % 180
+        table[:, 0, 1] = np.clip(self.LEVELS + gains[1], 0, 255)
+        table[:, 0, 2] = np.clip(self.LEVELS + gains[2], 0, 255)
+        hsv = cv2.cvtColor(img, cv2.COLOR_BGR2HSV)
+        cv2.LUT(hsv, table, dst=hsv)
+        cv2.cvtColor(hsv, cv2.COLOR_HSV2BGR, dst=img)  # in place, as mmdet's
+        results["img"] = img
+        return results
+
+
+# ---------------------------------------------------------------------------------------------
+# Swapping them in
+
+
+FAST: dict[type, type] = {
+    mmdet_transforms.MixUp: FastMixUp,
+    mmdet_transforms.CachedMixUp: FastCachedMixUp,
+    mmdet_transforms.Mosaic: FastMosaic,
+    mmdet_transforms.CachedMosaic: FastCachedMosaic,
+    mmdet_transforms.YOLOXHSVRandomAug: FastYOLOXHSVRandomAug,
+}
+FAST_BY_NAME = {cls.__name__: fast for cls, fast in FAST.items()}
+
+
+def swap(dataset: Any, enabled: bool) -> list[str]:
+    """Turn the mmdet transforms of a built dataset (and its wrapped datasets) into the fast ones.
+
+    Only transforms of exactly mmdet's classes change (a user's subclass keeps its own code).
+    Returns the names of the transforms swapped, in pipeline order.
+    """
+    if not check_enabled(enabled):
+        return []
+    swapped = []
+    for transform in _transforms_of(dataset):
+        fast = FAST.get(type(transform))
+        if fast is not None:
+            transform.__class__ = fast
+            swapped.append(fast.__name__)
+    return swapped
+
+
+def swap_pipeline(pipeline: Iterable[Any]) -> list[Any]:
+    """A pipeline config (list of dicts) with mmdet's types replaced by the fast classes."""
+    out = []
+    for cfg in pipeline:
+        kind = cfg.get("type") if isinstance(cfg, dict) else None
+        name = kind.split(".")[-1] if isinstance(kind, str) else None
+        out.append({**cfg, "type": FAST_BY_NAME[name]} if name in FAST_BY_NAME else cfg)
+    return out
+
+
+def swap_hooks(hooks: Iterable[Any], enabled: bool) -> None:
+    """Pipelines that hooks build later (``PipelineSwitchHook.switch_pipeline``) get the fast types too."""
+    if not check_enabled(enabled):
+        return
+    for hook in hooks:
+        hook = hook[-1] if isinstance(hook, tuple) else hook
+        if isinstance(getattr(hook, "switch_pipeline", None), (list, tuple)):
+            hook.switch_pipeline = swap_pipeline(hook.switch_pipeline)
+
+
+def _transforms_of(node: Any, seen: set[int] | None = None) -> Iterator[Any]:
+    """Every transform object reachable from a dataset: its pipeline, wrapped datasets, nested transforms."""
+    seen = set() if seen is None else seen
+    if id(node) in seen:
+        return
+    seen.add(id(node))
+    for attr in ("pipeline", "transforms"):
+        value = getattr(node, attr, None)
+        if isinstance(value, (list, tuple)):
+            for t in value:
+                yield t
+                yield from _transforms_of(t, seen)
+        elif value is not None and not isinstance(value, (str, dict)):
+            yield from _transforms_of(value, seen)
+    for attr in ("dataset", "datasets"):
+        value = getattr(node, attr, None)
+        for child in value if isinstance(value, (list, tuple)) else [value] if value is not None else []:
+            yield from _transforms_of(child, seen)

@@ -1,0 +1,347 @@
+"""det_mmdet.fast_transforms against mmdet 3.3.0's transforms: same inputs and random state, same outputs.
+
+Every comparison runs mmdet's transform and ours from one seed (``random`` and ``numpy.random``) on
+equal copies of one input, and asserts the outputs equal bit for bit (pixels, boxes, labels, flags,
+masks, shapes) and that both consumed the same random draws.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+from mmdet.datasets.transforms import transforms as T
+from mmdet.structures.bbox import BaseBoxes, HorizontalBoxes
+from mmdet.structures.mask import BitmapMasks, PolygonMasks
+from mmengine.registry import init_default_scope
+
+from det_mmdet import fast_transforms as F
+from det_mmdet.data import build_dataset
+from det_mmdet.errors import UserError
+from det_mmdet.shapes import make_split
+
+SEEDS = range(40)
+
+
+# ---- inputs ----------------------------------------------------------------------------------
+
+
+def photo(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    """Smooth colour gradients plus noise and a few sharp rectangles: every resample path has work."""
+    yy, xx = np.mgrid[0:h, 0:w]
+    base = np.stack([(xx * rng.uniform(0.5, 3) + yy * rng.uniform(0.5, 3) + rng.uniform(0, 255)) % 256] * 3, -1)
+    img = np.clip(base * rng.uniform(0.3, 1.0, 3) + rng.normal(0, 12, (h, w, 3)), 0, 255).astype(np.uint8)
+    for _ in range(3):
+        y0, x0 = rng.integers(0, h - 2), rng.integers(0, w - 2)
+        img[y0 : y0 + rng.integers(2, h // 2), x0 : x0 + rng.integers(2, w // 2)] = rng.integers(0, 256, 3)
+    return img
+
+
+def sample(rng: np.random.Generator, h: int, w: int, n: int, masks: str | None = None, numpy_boxes=False) -> dict:
+    """A loaded sample: image, boxes (some crowd / ignored), labels, and optionally masks."""
+    x1, y1 = rng.uniform(0, w - 4, n), rng.uniform(0, h - 4, n)
+    x2, y2 = np.minimum(x1 + rng.uniform(2, w / 2, n), w), np.minimum(y1 + rng.uniform(2, h / 2, n), h)
+    boxes = np.stack([x1, y1, x2, y2], 1).astype(np.float32).reshape(-1, 4)
+    out = {
+        "img": photo(rng, h, w),
+        "img_shape": (h, w),
+        "ori_shape": (h, w),
+        "img_path": f"img_{rng.integers(1 << 30)}.jpg",
+        "gt_bboxes": boxes if numpy_boxes else HorizontalBoxes(boxes),
+        "gt_bboxes_labels": rng.integers(0, 5, n).astype(np.int64),
+        "gt_ignore_flags": rng.random(n) < 0.2,
+    }
+    if masks == "bitmap":
+        bits = np.zeros((n, h, w), dtype=np.uint8)
+        for i, (a, b, c, d) in enumerate(boxes.astype(int)):
+            bits[i, b:d, a:c] = 1
+        out["gt_masks"] = BitmapMasks(bits, h, w)
+    elif masks == "polygon":
+        polys = [[np.array([a, b, c, b, c, d, a, d], dtype=np.float64)] for a, b, c, d in boxes]
+        out["gt_masks"] = PolygonMasks(polys, h, w)
+    return out
+
+
+# ---- comparison ------------------------------------------------------------------------------
+
+
+def assert_same(a, b, where="results"):
+    assert type(a) is type(b), f"{where}: {type(a).__name__} vs {type(b).__name__}"
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), f"{where}: keys {sorted(a)} vs {sorted(b)}"
+        for k in a:
+            assert_same(a[k], b[k], f"{where}[{k!r}]")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), f"{where}: length {len(a)} vs {len(b)}"
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            assert_same(x, y, f"{where}[{i}]")
+    elif isinstance(a, np.ndarray):
+        assert a.dtype == b.dtype and a.shape == b.shape, f"{where}: {a.dtype}{a.shape} vs {b.dtype}{b.shape}"
+        assert np.array_equal(a, b), f"{where}: {np.count_nonzero(a != b)} values differ"
+    elif isinstance(a, torch.Tensor):
+        assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b), where
+    elif isinstance(a, BaseBoxes):
+        assert_same(a.tensor, b.tensor, f"{where}.tensor")
+    elif isinstance(a, BitmapMasks):
+        assert (a.height, a.width) == (b.height, b.width), where
+        assert_same(a.masks, b.masks, f"{where}.masks")
+    elif isinstance(a, PolygonMasks):
+        assert (a.height, a.width) == (b.height, b.width), where
+        assert_same(a.masks, b.masks, f"{where}.masks")
+    elif hasattr(a, "to_dict") and hasattr(a, "all_items"):  # InstanceData / DetDataSample
+        assert_same(dict(a.all_items()), dict(b.all_items()), where)
+    else:
+        assert a == b, f"{where}: {a!r} vs {b!r}"
+
+
+def seeded(seed: int, fn, *args):
+    random.seed(seed)
+    np.random.seed(seed)
+    try:
+        out = fn(*args)
+    except Exception as e:  # noqa: BLE001  (mmdet failing, e.g. OpenCV refusing an int64 canvas, must fail ours too)
+        out = f"raised {type(e).__name__}"
+    return out, (random.random(), np.random.random())  # equal only if both drew the same numbers
+
+
+def compare(slow, fast, inputs: dict, seed: int):
+    a, draws_a = seeded(seed, slow, copy.deepcopy(inputs))
+    b, draws_b = seeded(seed, fast, copy.deepcopy(inputs))
+    assert_same(a, b)
+    assert draws_a == draws_b, "a different number of random draws"
+    return a
+
+
+def pair(slow_cls, fast_cls, **params):
+    slow, fast = slow_cls(**params), fast_cls(**params)
+    assert type(fast).__mro__[1:].count(slow_cls) == 1 and repr(slow).split("(", 1)[1] == repr(fast).split("(", 1)[1]
+    return slow, fast
+
+
+# ---- MixUp / CachedMixUp ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        dict(img_scale=(64, 48), ratio_range=(0.5, 1.5), pad_val=114.0),
+        dict(img_scale=(48, 64), ratio_range=(0.8, 1.6), pad_val=(114, 100, 90), flip_ratio=0.0),
+        dict(img_scale=(64, 64), ratio_range=(1.0, 1.0), pad_val=0, bbox_clip_border=False, flip_ratio=1.0),
+        dict(img_scale=(64, 48), ratio_range=(0.5, 1.5), pad_val=114.5),  # not a whole number: mmdet's code runs
+    ],
+)
+def test_mixup_equals_mmdet(params):
+    slow, fast = pair(T.MixUp, F.FastMixUp, **params)
+    rng, mixed = np.random.default_rng(0), 0
+    for seed in SEEDS:
+        h, w = (int(v) for v in rng.integers(20, 90, 2))
+        results = sample(rng, h, w, int(rng.integers(0, 5)), numpy_boxes=seed % 3 == 0)
+        other = sample(rng, *(int(v) for v in rng.integers(20, 90, 2)), int(rng.integers(0, 4)))
+        results["mix_results"] = [other]
+        mixed += isinstance(compare(slow, fast, results, seed), dict)
+    # with a 3-value pad_val mmdet's canvas is int64, which OpenCV will not resize: both fail alike
+    assert mixed == len(SEEDS) or isinstance(params["pad_val"], tuple)
+
+
+@pytest.mark.parametrize("masks", [None, "bitmap", "polygon"])
+@pytest.mark.parametrize(
+    "params",
+    [
+        dict(img_scale=(64, 64), ratio_range=(1.0, 1.0), max_cached_images=4, pad_val=(114, 114, 114)),
+        dict(img_scale=(64, 48), ratio_range=(0.5, 1.5), max_cached_images=3, random_pop=False, prob=0.7),
+    ],
+)
+def test_cached_mixup_equals_mmdet(params, masks):
+    slow, fast = pair(T.CachedMixUp, F.FastCachedMixUp, **params)
+    rng = np.random.default_rng(1)
+    for seed in SEEDS:
+        h, w = (int(v) for v in rng.integers(24, 80, 2))
+        compare(slow, fast, sample(rng, h, w, int(rng.integers(0, 4)), masks), seed)
+        assert_same(slow.results_cache, fast.results_cache, "cache")
+
+
+def test_mixup_blend_is_the_uint8_half_sum():
+    a, b = np.meshgrid(np.arange(256, dtype=np.uint8), np.arange(256, dtype=np.uint8))
+    expected = (0.5 * a.astype(np.float32) + 0.5 * b.astype(np.float32)).astype(np.uint8)
+    assert np.array_equal(F.half_sum(a, b), expected)
+
+
+def test_mixup_skips_decoding_only_for_a_loading_pipeline(tiny_coco):
+    """get_indexes reads box counts from the annotations, and falls back to decoding otherwise."""
+    init_default_scope("mmdet")
+    loads = [dict(type="LoadImageFromFile"), dict(type="LoadAnnotations", with_bbox=True)]
+    ds = build_dataset(coco_cfg(tiny_coco, loads), "d", {"fast_transforms": False})
+    counts = F.loaded_box_counts(ds)
+    assert counts is not None
+    assert [counts(i) for i in range(len(ds))] == [len(ds[i]["gt_bboxes"]) for i in range(len(ds))]
+    assert 0 in [counts(i) for i in range(len(ds))]  # the empty image is there, and MixUp skips it
+    slow, fast = pair(T.MixUp, F.FastMixUp, max_iters=15)
+    for seed in SEEDS:
+        assert seeded(seed, slow.get_indexes, ds) == seeded(seed, fast.get_indexes, ds)
+    flips = build_dataset(
+        coco_cfg(tiny_coco, [*loads, dict(type="RandomFlip", prob=0.5)]), "d", {"fast_transforms": False}
+    )
+    assert F.loaded_box_counts(flips) is None
+
+
+# ---- Mosaic / CachedMosaic -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "params", [dict(img_scale=(64, 48)), dict(img_scale=(48, 48), prob=0.6, center_ratio_range=(0.8, 1.2))]
+)
+def test_mosaic_equals_mmdet(params):
+    slow, fast = pair(T.Mosaic, F.FastMosaic, **params)
+    rng = np.random.default_rng(2)
+    for seed in SEEDS:
+        shapes = [(64, 48) if i % 2 else tuple(int(v) for v in rng.integers(20, 100, 2)) for i in range(4)]
+        results = sample(rng, *shapes[0], int(rng.integers(0, 4)), numpy_boxes=seed % 4 == 0)
+        results["mix_results"] = [sample(rng, h, w, int(rng.integers(0, 4))) for h, w in shapes[1:]]
+        compare(slow, fast, results, seed)
+
+
+@pytest.mark.parametrize("masks", [None, "bitmap", "polygon"])
+@pytest.mark.parametrize(
+    "params",
+    [
+        dict(img_scale=(64, 48), max_cached_images=6, pad_val=114.0),
+        dict(img_scale=(40, 40), max_cached_images=5, random_pop=False, prob=0.6, bbox_clip_border=False),
+    ],
+)
+def test_cached_mosaic_equals_mmdet(params, masks):
+    slow, fast = pair(T.CachedMosaic, F.FastCachedMosaic, **params)
+    rng = np.random.default_rng(3)
+    for seed in SEEDS:
+        h, w = (48, 64) if seed % 3 == 0 else tuple(int(v) for v in rng.integers(20, 90, 2))
+        compare(slow, fast, sample(rng, h, w, int(rng.integers(0, 4)), masks), seed)
+        assert_same(slow.results_cache, fast.results_cache, "cache")
+
+
+# ---- YOLOXHSVRandomAug -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("params", [dict(), dict(hue_delta=90, saturation_delta=200, value_delta=200)])
+def test_hsv_equals_mmdet(params):
+    slow, fast = pair(T.YOLOXHSVRandomAug, F.FastYOLOXHSVRandomAug, **params)
+    rng = np.random.default_rng(4)
+    for seed in SEEDS:
+        results = sample(rng, 32, 40, 2)
+        if seed % 5 == 0:  # a cropped view, as RandomCrop leaves it: changed in place by both
+            results["img"] = photo(rng, 50, 60)[3:35, 5:45]
+        compare(slow, fast, results, seed)
+
+
+# ---- swapping, the knob, whole datasets ------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_coco(tmp_path_factory):
+    """12 drawn-shapes images (128 px, polygons), one crowd object, one image without objects."""
+    root = tmp_path_factory.mktemp("tiny_coco")
+    ann = make_split(root, "train", 12, seed=5)
+    data = json.loads(ann.read_text())
+    data["annotations"] = [a for a in data["annotations"] if a["image_id"] != 3]
+    data["annotations"][0]["iscrowd"] = 1
+    ann.write_text(json.dumps(data))
+    return root
+
+
+def coco_cfg(root, pipeline, **extra):
+    return dict(
+        type="CocoDataset",
+        data_root=str(root) + "/",
+        ann_file="annotations/train.json",
+        data_prefix=dict(img="train/"),
+        metainfo=dict(classes=("circle", "square", "triangle")),
+        filter_cfg=dict(filter_empty_gt=False),
+        pipeline=pipeline,
+        **extra,
+    )
+
+
+LOAD = [dict(type="LoadImageFromFile"), dict(type="LoadAnnotations", with_bbox=True, with_mask=True)]
+RTMDET_LIKE = [
+    *LOAD,
+    dict(type="CachedMosaic", img_scale=(64, 64), pad_val=114.0, max_cached_images=6),
+    dict(type="RandomResize", scale=(128, 128), ratio_range=(0.5, 2.0), keep_ratio=True),
+    dict(type="RandomCrop", crop_size=(64, 64)),
+    dict(type="YOLOXHSVRandomAug"),
+    dict(type="RandomFlip", prob=0.5),
+    dict(type="Pad", size=(64, 64), pad_val=dict(img=(114, 114, 114))),
+    dict(type="CachedMixUp", img_scale=(64, 64), ratio_range=(1.0, 1.0), max_cached_images=4, pad_val=(114,) * 3),
+    dict(type="PackDetInputs"),
+]
+YOLOX_LIKE = [
+    dict(type="Mosaic", img_scale=(64, 64), pad_val=114.0),
+    dict(type="RandomAffine", scaling_ratio_range=(0.1, 2), border=(-32, -32)),
+    dict(type="MixUp", img_scale=(64, 64), ratio_range=(0.8, 1.6), pad_val=114.0),
+    dict(type="YOLOXHSVRandomAug"),
+    dict(type="RandomFlip", prob=0.5),
+    dict(type="Resize", scale=(64, 64), keep_ratio=True),
+    dict(type="Pad", pad_to_square=True, pad_val=dict(img=(114.0, 114.0, 114.0))),
+    dict(type="FilterAnnotations", min_gt_bbox_wh=(1, 1), keep_empty=False),
+    dict(type="PackDetInputs"),
+]
+
+
+def samples(dataset_cfg, fast: bool, count: int = 24) -> tuple[list, list]:
+    dataset = build_dataset(dataset_cfg, "train_dataloader.dataset", {"fast_transforms": fast})
+    names = [type(t).__name__ for t in F._transforms_of(dataset)]
+    random.seed(0)
+    np.random.seed(0)
+    return [dataset[i % len(dataset)] for i in range(count)], names
+
+
+@pytest.mark.parametrize("kind", ["rtmdet", "yolox"])
+def test_built_dataset_yields_the_same_samples_either_way(tiny_coco, kind):
+    init_default_scope("mmdet")
+    if kind == "rtmdet":
+        cfg = coco_cfg(tiny_coco, RTMDET_LIKE)
+    else:
+        loads = [dict(type="LoadImageFromFile"), dict(type="LoadAnnotations", with_bbox=True)]
+        cfg = dict(type="MultiImageMixDataset", dataset=coco_cfg(tiny_coco, loads), pipeline=YOLOX_LIKE)
+    saved = copy.deepcopy(cfg)
+    ours, fast_names = samples(cfg, True)
+    theirs, slow_names = samples(cfg, False)
+    assert cfg == saved  # the config keeps mmdet's types
+    assert_same(theirs, ours)
+    swapped = {"rtmdet": {"FastCachedMosaic", "FastYOLOXHSVRandomAug", "FastCachedMixUp"}}
+    swapped["yolox"] = {"FastMosaic", "FastMixUp", "FastYOLOXHSVRandomAug"}
+    assert swapped[kind] <= set(fast_names) and not any(n.startswith("Fast") for n in slow_names)
+
+
+def test_yolox_mode_switch_still_skips_the_swapped_transforms(tiny_coco):
+    """MultiImageMixDataset skips by config type (YOLOXModeSwitchHook): swapping must not hide them."""
+    init_default_scope("mmdet")
+    loads = [dict(type="LoadImageFromFile"), dict(type="LoadAnnotations", with_bbox=True)]
+    cfg = dict(type="MultiImageMixDataset", dataset=coco_cfg(tiny_coco, loads), pipeline=YOLOX_LIKE)
+    dataset = build_dataset(cfg, "train_dataloader.dataset", {"fast_transforms": True})
+    dataset.update_skip_type_keys(["Mosaic", "RandomAffine", "MixUp"])
+    random.seed(0)
+    np.random.seed(0)
+    assert dataset[0]["inputs"].shape[1:] == (64, 64)  # Resize + Pad of one 128 px image, no mosaic
+
+
+def test_pipeline_switch_hook_gets_the_fast_transforms():
+    from mmdet.engine.hooks import PipelineSwitchHook
+
+    hook = PipelineSwitchHook(switch_epoch=1, switch_pipeline=[dict(type="YOLOXHSVRandomAug"), dict(type="Pad")])
+    F.swap_hooks([(50, hook)], True)
+    assert hook.switch_pipeline == [dict(type=F.FastYOLOXHSVRandomAug), dict(type="Pad")]
+
+
+def test_the_knob_must_be_a_boolean(tmp_path):
+    from det_mmdet.config import build_config, experiment_from_dict
+
+    exp = experiment_from_dict(
+        {
+            "hyperparameters": {"global_batch_size": 2, "config_file": "configs/shapes_faster_rcnn.py"},
+            "data": {"fast_transforms": "yes"},
+        }
+    )
+    with pytest.raises(UserError, match=r"^data.fast_transforms: 'yes' is not true or false$"):
+        build_config(exp)
