@@ -11,6 +11,8 @@ same random draws (the same ``numpy.random`` calls in the same order, as mmdet's
                          instead of decoding an image (when the inner pipeline only loads)
     Mosaic, CachedMosaic no deep copies of the four samples (boxes are cloned, images only read), no
                          resize of an image already at its mosaic size (OpenCV copies those)
+    the cached ones      cache copies of what they read back (image, boxes, labels, flags, masks),
+                         not of the whole sample (mmdet's caches hold every polygon of ``instances``)
     YOLOXHSVRandomAug    the hue/saturation/value shifts as one lookup table instead of int16 arrays
 
 Where the fast path cannot promise equal outputs (not 3-channel uint8 images, a pad value that is
@@ -54,20 +56,24 @@ def check_enabled(value: Any, where: str = KNOB) -> bool:
 
 
 def copy_results(results: dict) -> dict:
-    """What ``copy.deepcopy(results)`` gives, without deepcopy's per-object bookkeeping for arrays and boxes."""
-    out = {}
-    for key, value in results.items():
-        if isinstance(value, np.ndarray):
-            out[key] = value.copy(order="K")
-        elif isinstance(value, BaseBoxes):
-            out[key] = value.clone()
-        elif isinstance(value, torch.Tensor):
-            out[key] = value.clone()
-        elif isinstance(value, (str, int, float, bool, type(None))):
-            out[key] = value
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
+    """What ``copy.deepcopy(results)`` gives, without deepcopy's bookkeeping for arrays, boxes and plain data."""
+    return {key: copy_value(value) for key, value in results.items()}
+
+
+def copy_value(value: Any) -> Any:
+    if isinstance(value, (str, int, float, bool, type(None))):
+        return value
+    if type(value) is list:  # e.g. ``instances``: dicts of lists of numbers
+        return [copy_value(v) for v in value]
+    if type(value) is dict:
+        return {k: copy_value(v) for k, v in value.items()}
+    if type(value) is tuple:
+        return tuple(copy_value(v) for v in value)
+    if isinstance(value, np.ndarray):
+        return value.copy(order="K")
+    if isinstance(value, (BaseBoxes, torch.Tensor)):
+        return value.clone()
+    return copy.deepcopy(value)
 
 
 def uint8_pad(pad_val: Any) -> np.ndarray | None:
@@ -85,15 +91,21 @@ def is_color_uint8(img: Any) -> bool:
     return isinstance(img, np.ndarray) and img.dtype == np.uint8 and img.ndim == 3 and img.shape[2] == 3
 
 
-def filled(shape: tuple[int, ...], pad: np.ndarray) -> np.ndarray:
+def filled(shape: tuple[int, int, int], pad: np.ndarray) -> np.ndarray:
+    """A uint8 image of ``shape`` in the colour ``pad`` (row by row: numpy broadcasts 3 values slowly)."""
+    if pad.min() == pad.max():
+        return np.full(shape, pad[0], dtype=np.uint8)
     out = np.empty(shape, dtype=np.uint8)
-    out[...] = pad
+    out.reshape(shape[0], -1)[:] = np.tile(pad, shape[1])
     return out
 
 
 def half_sum(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """``floor((a + b) / 2)`` on uint8 without widening: what mmdet's float blend truncates to."""
-    return (a >> 1) + (b >> 1) + (a & b & 1)
+    out = np.bitwise_xor(a, b)
+    out >>= 1
+    out += np.bitwise_and(a, b)  # a + b = 2 (a & b) + (a ^ b)
+    return out
 
 
 def resized(img: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -124,8 +136,11 @@ class MixUpPixels:
         small = resized(
             retrieve_img, (int(retrieve_img.shape[1] * scale_ratio), int(retrieve_img.shape[0] * scale_ratio))
         )
-        canvas = filled((height, width, 3), pad)
-        canvas[: small.shape[0], : small.shape[1]] = small
+        if small.shape[:2] == (height, width):
+            canvas = small  # only read from here on
+        else:
+            canvas = filled((height, width, 3), pad)
+            canvas[: small.shape[0], : small.shape[1]] = small
 
         scale_ratio *= jit_factor
         jittered_size = (int(width * jit_factor), int(height * jit_factor))
@@ -134,8 +149,6 @@ class MixUpPixels:
             # to uint8; the same call on the same values here.
             canvas_dtype = (np.ones(1, dtype=retrieve_img.dtype) * self.pad_val).dtype
             canvas = mmcv.imresize(canvas.astype(canvas_dtype), jittered_size)
-        if is_flip:
-            canvas = canvas[:, ::-1, :]
 
         ori_img = results["img"]
         origin_h, origin_w = canvas.shape[:2]
@@ -146,9 +159,17 @@ class MixUpPixels:
             y_offset = np.random.randint(0, padded_h - target_h)
         if padded_w > target_w:
             x_offset = np.random.randint(0, padded_w - target_w)
-        window = filled((target_h, target_w, 3), pad)
         rows, cols = max(0, min(target_h, origin_h - y_offset)), max(0, min(target_w, origin_w - x_offset))
-        window[:rows, :cols] = canvas[y_offset : y_offset + rows, x_offset : x_offset + cols]
+        if is_flip:  # the window of the mirrored canvas, mirrored by OpenCV (numpy is slow on reversed views)
+            inside = canvas[y_offset : y_offset + rows, origin_w - x_offset - cols : origin_w - x_offset]
+            inside = cv2.flip(inside, 1) if inside.size else inside
+        else:
+            inside = canvas[y_offset : y_offset + rows, x_offset : x_offset + cols]
+        if (rows, cols) == (target_h, target_w):
+            window = inside.astype(np.uint8, copy=False)  # float64 values truncate as mmdet's assignment does
+        else:
+            window = filled((target_h, target_w, 3), pad)
+            window[:rows, :cols] = inside
 
         boxes.rescale_([scale_ratio, scale_ratio])
         if with_mask:
@@ -235,10 +256,15 @@ class FastCachedMixUp(MixUpPixels, mmdet_transforms.CachedMixUp):
         return self._mix(results, retrieve, retrieve["gt_bboxes"].clone(), with_mask="gt_masks" in results)
 
 
+# What the cached transforms read from a cached sample; mmdet caches a deep copy of everything
+# (``instances`` with every polygon included), which nothing reads back.
+CACHED_KEYS = ("img", "gt_bboxes", "gt_bboxes_labels", "gt_ignore_flags", "gt_masks")
+
+
 def push(transform: Any, results: dict) -> None:
-    """Cache a copy of ``results``, dropping one entry (at random or the oldest) when over the limit."""
+    """Cache a copy of what is read of ``results``; drop one entry (at random or the oldest) when over the limit."""
     cache = transform.results_cache
-    cache.append(copy_results(results))
+    cache.append(copy_results({k: results[k] for k in CACHED_KEYS if k in results}))
     if len(cache) > transform.max_cached_images:
         index = np.random.randint(0, len(cache) - 1) if transform.random_pop else 0
         cache.pop(index)
