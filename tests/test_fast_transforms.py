@@ -244,6 +244,29 @@ def test_hsv_equals_mmdet(params):
         compare(slow, fast, results, seed)
 
 
+# ---- PackDetInputs ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("masks", [None, "bitmap", "polygon"])
+def test_pack_equals_mmdet(masks):
+    from mmdet.datasets.transforms import PackDetInputs
+
+    slow, fast = pair(PackDetInputs, F.FastPackDetInputs)
+    rng = np.random.default_rng(5)
+    for seed in range(12):
+        results = sample(rng, 30, 44, int(rng.integers(0, 4)), masks)
+        results.update(img_id=seed, scale_factor=(1.5, 1.5), flip=bool(seed % 2), flip_direction="horizontal")
+        if seed % 4 == 1:
+            results["img"] = photo(rng, 40, 50)[5:35, 3:47]  # not contiguous
+        elif seed % 4 == 2:
+            results["img"] = results["img"].astype(np.float32)
+        elif seed % 4 == 3:
+            results["img"] = results["img"][..., 0]  # one channel, no channel axis: mmdet's code
+            results.pop("gt_ignore_flags")
+        out = compare(slow, fast, results, seed)
+        assert out["inputs"].is_contiguous()
+
+
 # ---- swapping, the knob, whole datasets ------------------------------------------------------
 
 

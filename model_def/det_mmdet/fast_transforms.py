@@ -14,6 +14,7 @@ same random draws (the same ``numpy.random`` calls in the same order, as mmdet's
     the cached ones      cache copies of what they read back (image, boxes, labels, flags, masks),
                          not of the whole sample (mmdet's caches hold every polygon of ``instances``)
     YOLOXHSVRandomAug    the hue/saturation/value shifts as one lookup table instead of int16 arrays
+    PackDetInputs        the image made channels-first by ``cv2.split`` instead of torch's permute
 
 Where the fast path cannot promise equal outputs (not 3-channel uint8 images, a pad value that is
 not a whole number in 0..255) the transform runs mmdet's code unchanged, decided before any draw.
@@ -35,6 +36,7 @@ import cv2
 import mmcv
 import numpy as np
 import torch
+from mmdet.datasets.transforms import formatting as mmdet_formatting
 from mmdet.datasets.transforms import transforms as mmdet_transforms
 from mmdet.registry import TRANSFORMS
 from mmdet.structures.bbox import BaseBoxes, autocast_box_type
@@ -162,11 +164,12 @@ class MixUpPixels:
         rows, cols = max(0, min(target_h, origin_h - y_offset)), max(0, min(target_w, origin_w - x_offset))
         if is_flip:  # the window of the mirrored canvas, mirrored by OpenCV (numpy is slow on reversed views)
             inside = canvas[y_offset : y_offset + rows, origin_w - x_offset - cols : origin_w - x_offset]
+            inside = inside.astype(np.uint8, copy=False)  # float64 values truncate as mmdet's assignment does
             inside = cv2.flip(inside, 1) if inside.size else inside
         else:
-            inside = canvas[y_offset : y_offset + rows, x_offset : x_offset + cols]
+            inside = canvas[y_offset : y_offset + rows, x_offset : x_offset + cols].astype(np.uint8, copy=False)
         if (rows, cols) == (target_h, target_w):
-            window = inside.astype(np.uint8, copy=False)  # float64 values truncate as mmdet's assignment does
+            window = inside
         else:
             window = filled((target_h, target_w, 3), pad)
             window[:rows, :cols] = inside
@@ -402,6 +405,23 @@ class FastYOLOXHSVRandomAug(mmdet_transforms.YOLOXHSVRandomAug):
 
 
 # ---------------------------------------------------------------------------------------------
+# Packing
+
+
+@TRANSFORMS.register_module(name="FastPackDetInputs", force=True)
+class FastPackDetInputs(mmdet_formatting.PackDetInputs):
+    """mmdet's ``PackDetInputs``: the image made channels-first by OpenCV (torch's permute copies slowly)."""
+
+    def transform(self, results: dict) -> dict:
+        img = results.get("img")
+        plain = isinstance(img, np.ndarray) and img.ndim == 3 and 1 <= img.shape[2] <= 4
+        if not (plain and img.dtype in (np.uint8, np.float32) and "img" not in self.meta_keys):
+            return super().transform(results)
+        packed = super().transform({k: v for k, v in results.items() if k != "img"})
+        return {"inputs": torch.from_numpy(np.stack(cv2.split(img))), **packed}
+
+
+# ---------------------------------------------------------------------------------------------
 # Swapping them in
 
 
@@ -411,6 +431,7 @@ FAST: dict[type, type] = {
     mmdet_transforms.Mosaic: FastMosaic,
     mmdet_transforms.CachedMosaic: FastCachedMosaic,
     mmdet_transforms.YOLOXHSVRandomAug: FastYOLOXHSVRandomAug,
+    mmdet_formatting.PackDetInputs: FastPackDetInputs,
 }
 FAST_BY_NAME = {cls.__name__: fast for cls, fast in FAST.items()}
 
