@@ -244,6 +244,32 @@ def test_hsv_equals_mmdet(params):
         compare(slow, fast, results, seed)
 
 
+# ---- Resize / RandomFlip (bitmap masks) -------------------------------------------------------
+
+
+@pytest.mark.parametrize("masks", [None, "bitmap", "polygon"])
+@pytest.mark.parametrize("params", [dict(scale=(90, 60), keep_ratio=True), dict(scale=(50, 70), keep_ratio=False)])
+def test_resize_equals_mmdet(params, masks):
+    slow, fast = pair(T.Resize, F.FastResize, **params)
+    rng = np.random.default_rng(6)
+    for seed in range(12):
+        results = sample(rng, *(int(v) for v in rng.integers(20, 80, 2)), int(rng.integers(0, 4)), masks)
+        compare(slow, fast, results, seed)
+
+
+@pytest.mark.parametrize("masks", [None, "bitmap", "polygon"])
+@pytest.mark.parametrize(
+    "params",
+    [dict(prob=0.5), dict(prob=[0.3, 0.3, 0.3], direction=["horizontal", "vertical", "diagonal"])],
+)
+def test_random_flip_equals_mmdet(params, masks):
+    slow, fast = pair(T.RandomFlip, F.FastRandomFlip, **params)
+    rng = np.random.default_rng(7)
+    for seed in SEEDS:
+        results = sample(rng, *(int(v) for v in rng.integers(20, 60, 2)), int(rng.integers(0, 4)), masks)
+        compare(slow, fast, results, seed)
+
+
 # ---- PackDetInputs ---------------------------------------------------------------------------
 
 
@@ -257,7 +283,7 @@ def test_pack_equals_mmdet(masks):
         results = sample(rng, 30, 44, int(rng.integers(0, 4)), masks)
         results.update(img_id=seed, scale_factor=(1.5, 1.5), flip=bool(seed % 2), flip_direction="horizontal")
         if seed % 4 == 1:
-            results["img"] = photo(rng, 40, 50)[5:35, 3:47]  # not contiguous
+            results["img"] = photo(rng, 40, 50)[5:35, 3:47][:, ::-1]  # not contiguous, mirrored as RandomFlip leaves it
         elif seed % 4 == 2:
             results["img"] = results["img"].astype(np.float32)
         elif seed % 4 == 3:

@@ -15,6 +15,8 @@ same random draws (the same ``numpy.random`` calls in the same order, as mmdet's
                          not of the whole sample (mmdet's caches hold every polygon of ``instances``)
     YOLOXHSVRandomAug    the hue/saturation/value shifts as one lookup table instead of int16 arrays
     PackDetInputs        the image made channels-first by ``cv2.split`` instead of torch's permute
+    Resize, RandomFlip   bitmap masks resized / mirrored by the same OpenCV calls into one array
+                         (``BitmapMasks`` copies every result twice, once more in its ``__init__``)
 
 Where the fast path cannot promise equal outputs (not 3-channel uint8 images, a pad value that is
 not a whole number in 0..255) the transform runs mmdet's code unchanged, decided before any draw.
@@ -40,6 +42,7 @@ from mmdet.datasets.transforms import formatting as mmdet_formatting
 from mmdet.datasets.transforms import transforms as mmdet_transforms
 from mmdet.registry import TRANSFORMS
 from mmdet.structures.bbox import BaseBoxes, autocast_box_type
+from mmdet.structures.mask import BitmapMasks
 
 from det_mmdet.errors import UserError
 
@@ -405,6 +408,66 @@ class FastYOLOXHSVRandomAug(mmdet_transforms.YOLOXHSVRandomAug):
 
 
 # ---------------------------------------------------------------------------------------------
+# Bitmap masks (Mask R-CNN's LoadAnnotations turns polygons into them)
+
+FLIP_CODES = {"horizontal": 1, "vertical": 0, "diagonal": -1}
+
+
+def bitmap_masks(masks: np.ndarray, height: int, width: int) -> BitmapMasks:
+    """``BitmapMasks(masks, height, width)`` without the copy its ``__init__`` makes (``np.stack``)."""
+    out = BitmapMasks.__new__(BitmapMasks)
+    out.masks, out.height, out.width = masks, height, width
+    return out
+
+
+def plain_bitmaps(masks: Any) -> bool:
+    return type(masks) is BitmapMasks and len(masks.masks) > 0 and mmcv.image.geometric.imread_backend == "cv2"
+
+
+def rescaled_bitmaps(masks: BitmapMasks, scale: Any) -> BitmapMasks:
+    """``masks.rescale(scale)``: the same OpenCV nearest resize of each mask, into one array."""
+    new_w, new_h = mmcv.rescale_size((masks.width, masks.height), scale)
+    out = np.empty((len(masks.masks), new_h, new_w), dtype=masks.masks.dtype)
+    for mask, dst in zip(masks.masks, out, strict=True):
+        cv2.resize(mask, (new_w, new_h), dst=dst, interpolation=cv2.INTER_NEAREST)
+    return bitmap_masks(out, new_h, new_w)
+
+
+def flipped_bitmaps(masks: BitmapMasks, direction: str) -> BitmapMasks:
+    """``masks.flip(direction)``, each mask mirrored by OpenCV into one array."""
+    out = np.empty_like(masks.masks, order="C")
+    for mask, dst in zip(masks.masks, out, strict=True):
+        cv2.flip(mask, FLIP_CODES[direction], dst=dst)
+    return bitmap_masks(out, masks.height, masks.width)
+
+
+@TRANSFORMS.register_module(name="FastResize", force=True)
+class FastResize(mmdet_transforms.Resize):
+    """mmdet's ``Resize``; bitmap masks rescaled without the two copies ``BitmapMasks.rescale`` makes."""
+
+    def _resize_masks(self, results: dict) -> None:
+        masks = results.get("gt_masks", None)
+        if self.keep_ratio and plain_bitmaps(masks):
+            results["gt_masks"] = rescaled_bitmaps(masks, results["scale"])
+        else:
+            super()._resize_masks(results)
+
+
+@TRANSFORMS.register_module(name="FastRandomFlip", force=True)
+class FastRandomFlip(mmdet_transforms.RandomFlip):
+    """mmdet's ``RandomFlip``; bitmap masks mirrored without the two copies ``BitmapMasks.flip`` makes."""
+
+    @autocast_box_type()
+    def _flip(self, results: dict) -> None:
+        masks = results.get("gt_masks", None)
+        if not (plain_bitmaps(masks) and results["flip_direction"] in FLIP_CODES):
+            return super()._flip(results)
+        results["gt_masks"] = None  # mmdet's _flip leaves None alone; the key keeps its place
+        super()._flip(results)
+        results["gt_masks"] = flipped_bitmaps(masks, results["flip_direction"])
+
+
+# ---------------------------------------------------------------------------------------------
 # Packing
 
 
@@ -417,8 +480,21 @@ class FastPackDetInputs(mmdet_formatting.PackDetInputs):
         plain = isinstance(img, np.ndarray) and img.ndim == 3 and 1 <= img.shape[2] <= 4
         if not (plain and img.dtype in (np.uint8, np.float32) and "img" not in self.meta_keys):
             return super().transform(results)
-        packed = super().transform({k: v for k, v in results.items() if k != "img"})
+        rest = {k: v for k, v in results.items() if k != "img"}
+        if "gt_ignore_flags" in rest and plain_bitmaps(rest.get("gt_masks")):
+            rest["gt_masks"] = IndexedOnce(rest["gt_masks"])  # mmdet only indexes them (valid / ignored)
+        packed = super().transform(rest)
         return {"inputs": torch.from_numpy(np.stack(cv2.split(img))), **packed}
+
+
+class IndexedOnce(BitmapMasks):
+    """Bitmap masks whose ``masks[index]`` is a plain ``BitmapMasks`` holding one copy (mmdet's holds two)."""
+
+    def __init__(self, masks: BitmapMasks) -> None:
+        self.masks, self.height, self.width = masks.masks, masks.height, masks.width
+
+    def __getitem__(self, index) -> BitmapMasks:
+        return bitmap_masks(self.masks[index].reshape(-1, self.height, self.width), self.height, self.width)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -432,6 +508,8 @@ FAST: dict[type, type] = {
     mmdet_transforms.CachedMosaic: FastCachedMosaic,
     mmdet_transforms.YOLOXHSVRandomAug: FastYOLOXHSVRandomAug,
     mmdet_formatting.PackDetInputs: FastPackDetInputs,
+    mmdet_transforms.Resize: FastResize,
+    mmdet_transforms.RandomFlip: FastRandomFlip,
 }
 FAST_BY_NAME = {cls.__name__: fast for cls, fast in FAST.items()}
 
