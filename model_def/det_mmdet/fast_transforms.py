@@ -484,7 +484,16 @@ class FastPackDetInputs(mmdet_formatting.PackDetInputs):
         if "gt_ignore_flags" in rest and plain_bitmaps(rest.get("gt_masks")):
             rest["gt_masks"] = IndexedOnce(rest["gt_masks"])  # mmdet only indexes them (valid / ignored)
         packed = super().transform(rest)
-        return {"inputs": torch.from_numpy(np.stack(cv2.split(img))), **packed}
+        return {"inputs": torch.from_numpy(np.stack(cv2.split(unmirrored(img)))), **packed}
+
+
+def unmirrored(img: np.ndarray) -> np.ndarray:
+    """``img`` with positive strides: a mirrored view (as ``mmcv.imflip`` returns) copied back by OpenCV."""
+    code = {(True, False): 0, (False, True): 1, (True, True): -1}.get((img.strides[0] < 0, img.strides[1] < 0))
+    if code is None or img.strides[2] < 0:
+        return img
+    view = img[:: -1 if code in (0, -1) else 1, :: -1 if code in (1, -1) else 1]
+    return cv2.flip(view, code)
 
 
 class IndexedOnce(BitmapMasks):
