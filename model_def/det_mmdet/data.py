@@ -13,7 +13,8 @@ import functools
 import json
 import logging
 import random
-from collections.abc import Callable, Iterator, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -22,6 +23,7 @@ from determined import pytorch
 from mmengine.dataset import pseudo_collate
 
 from det_mmdet import (
+    annotation_cache,
     backends,  # noqa: F401  (registers the s3, gcs and fake file backends)
     logs,
 )
@@ -31,20 +33,23 @@ from det_mmdet.errors import UserError
 logger = logging.getLogger("det_mmdet")
 
 
-def build_dataset(dataset_cfg: dict[str, Any], what: str):
+def build_dataset(dataset_cfg: dict[str, Any], what: str, data: Mapping[str, Any] | None = None):
     """Build an mmdet dataset from its config; bad annotation files are one-line errors.
 
     mmdet drops boxes it cannot use (empty, outside the image) and, with ``filter_cfg``, images
-    without boxes; both are counted and logged here, so nothing disappears unsaid.
+    without boxes; both are counted and logged here, so nothing disappears unsaid. The parse comes
+    from the node's annotation cache where the experiment's ``data`` section allows it.
     """
     from mmdet.registry import DATASETS
 
     try:
-        # Lazily, so that the audit sees the annotation file being parsed.
+        # A wrapper's inner datasets first (so that they come from the cache), then lazily, so that
+        # the audit sees the annotation file being parsed.
+        dataset_cfg = annotation_cache.inner_built(dataset_cfg, what, lambda c, w: build_dataset(c, w, data))
         dataset = DATASETS.build({**dict(dataset_cfg), "lazy_init": True})
         audit = AnnotationAudit(dataset, what) if hasattr(dataset, "parse_data_info") else None
         with logs.chatter():  # pycocotools' "loading annotations into memory..."
-            dataset.full_init()
+            annotation_cache.full_init(dataset, what, audit, annotation_cache.cache_root(data))
     except FileNotFoundError as e:
         raise UserError(f"{what}: {e.strerror or 'file not found'}: {e.filename or e}") from None
     except json.JSONDecodeError as e:
@@ -219,13 +224,21 @@ def aspect_flags(dataset) -> list[int]:
     return flags
 
 
-def seed_worker(worker_id: int, env: LoaderEnv | None = None) -> None:
-    """numpy and random in each loader worker follow torch's per-worker seed; env_cfg.mp_cfg's threads."""
+def seed_worker(
+    worker_id: int, env: LoaderEnv | None = None, quiet: bool = False, then: Callable[[int], None] | None = None
+) -> None:
+    """numpy and random in each loader worker follow torch's per-worker seed; env_cfg.mp_cfg's threads;
+    ``disable_subprocess_warning`` (``quiet``) and the config's own ``worker_init_fn`` (``then``) as the Runner's.
+    """
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
     random.seed(seed)
     if env is not None:
         env.in_worker()
+    if quiet and worker_id != 0:
+        warnings.simplefilter("ignore")
+    if then is not None:
+        then(worker_id)
 
 
 # mmengine's samplers that this module's EpochShuffleSampler stands for (shuffled or in order).
@@ -254,27 +267,103 @@ def train_loader(
     if at_epoch is not None:
         batches = EpochTaggedBatches(batches)
     named = NamedErrors(dataset, "train_dataloader", at_epoch)
-    return _loader(named, loader_cfg, batch_sampler=batches, seed=seed, env=env)
+    return _loader(named, loader_cfg, batch_sampler=batches, seed=seed, env=env, where="train_dataloader")
 
 
 def val_loader(
     dataset, loader_cfg: dict[str, Any], batch_size: int, env: LoaderEnv | None = None
 ) -> pytorch.DataLoader:
     batches = torch.utils.data.BatchSampler(torch.utils.data.SequentialSampler(dataset), batch_size, drop_last=False)
-    return _loader(NamedErrors(dataset, "val_dataloader"), loader_cfg, batch_sampler=batches, seed=0, env=env)
+    named = NamedErrors(dataset, "val_dataloader")
+    return _loader(named, loader_cfg, batch_sampler=batches, seed=0, env=env, where="val_dataloader")
 
 
-def _loader(dataset, loader_cfg: dict[str, Any], batch_sampler, seed: int, env: LoaderEnv | None) -> pytorch.DataLoader:
+# The loader keys mmengine's Runner passes on to torch's DataLoader (Runner.build_dataloader) that
+# the trial honours, and those it refuses, with why. Others fail in the Runner too (a DataLoader
+# TypeError); here they are one line.
+LOADER_KEYS = (
+    "dataset", "sampler", "batch_sampler", "batch_size", "num_workers", "persistent_workers", "pin_memory",
+    "prefetch_factor", "timeout", "collate_fn", "worker_init_fn", "disable_subprocess_warning",
+    "multiprocessing_context", "drop_last",
+)  # fmt: skip
+REFUSED_LOADER_KEYS = {
+    "num_batch_per_epoch": "Determined's searcher sets the training length (searcher.max_length, --batches)",
+    "pin_memory_device": "Determined's DataLoader has no such argument; pin_memory pins for the trial's GPU",
+    "in_order": "batches come in order: Determined shards and resumes them by position",
+    "generator": "the loader's generator is seeded from the trial's seed",
+    "shuffle": "use sampler.shuffle",
+}
+
+
+def check_loader_keys(loader_cfg: Mapping[str, Any], where: str) -> None:
+    for key in loader_cfg:
+        if key in REFUSED_LOADER_KEYS:
+            raise UserError(f"{where}.{key} is not supported: {REFUSED_LOADER_KEYS[key]}")
+        if key not in LOADER_KEYS:
+            raise UserError(f"{where}.{key}: unknown DataLoader key; allowed: {', '.join(LOADER_KEYS)}")
+    if loader_cfg.get("drop_last"):
+        raise UserError(f"{where}.drop_last=True is not supported: every image counts in Determined's epochs")
+
+
+def registered_function(spec: Any, where: str, default: Callable | None = None) -> Callable | None:
+    """``collate_fn`` / ``worker_init_fn`` as the Runner reads them: ``dict(type=name or callable, **kwargs)``."""
+    from mmengine.registry import FUNCTIONS
+
+    if spec is None or callable(spec):
+        return spec if spec is not None else default
+    if not isinstance(spec, Mapping) or "type" not in spec:
+        raise UserError(f"{where} must be dict(type=<registered function>, ...) or a function, got {spec!r}")
+    kwargs = dict(spec)
+    kind = kwargs.pop("type")
+    fn = kind if callable(kind) else FUNCTIONS.get(kind)
+    if fn is None:
+        raise UserError(f"{where}.type {kind!r} is not a registered function (e.g. pseudo_collate, default_collate)")
+    return functools.partial(fn, **kwargs) if kwargs else fn
+
+
+def _rank() -> int:
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    return torch.distributed.get_rank() if distributed else 0
+
+
+def _loader(
+    dataset,
+    loader_cfg: Mapping[str, Any],
+    batch_sampler,
+    seed: int,
+    env: LoaderEnv | None,
+    where: str = "train_dataloader",
+) -> pytorch.DataLoader:
+    """Determined's DataLoader with the config's loader keys, as mmengine's Runner passes them on.
+
+    Beyond the Runner: each rank's workers draw their own seeds (the Runner's ``seed + rank *
+    workers + id``), fresh each epoch also without ``persistent_workers`` (the Runner's repeat the
+    first epoch's augmentations); ``env_cfg.mp_cfg`` holds in every worker whatever the start method.
+    """
+    from det_mmdet.environment import START_METHODS
+
+    check_loader_keys(loader_cfg, where)
     workers = int(loader_cfg.get("num_workers", 0))
-    method = env.start_method if env is not None and workers > 0 else None
+    method = loader_cfg.get("multiprocessing_context") or (env.start_method if env is not None else None)
+    if method is not None and method not in START_METHODS:
+        raise UserError(f"{where}.multiprocessing_context {method!r}: choose {', '.join(START_METHODS)}")
+    init = functools.partial(
+        seed_worker,
+        env=env,
+        quiet=bool(loader_cfg.get("disable_subprocess_warning", False)),
+        then=registered_function(loader_cfg.get("worker_init_fn"), f"{where}.worker_init_fn"),
+    )
+    prefetch = loader_cfg.get("prefetch_factor")
     return pytorch.DataLoader(
         dataset,
         batch_sampler=batch_sampler,
         num_workers=workers,
-        collate_fn=pseudo_collate,
-        worker_init_fn=functools.partial(seed_worker, env=env),
-        multiprocessing_context=method,
-        generator=torch.Generator().manual_seed(seed),
+        collate_fn=registered_function(loader_cfg.get("collate_fn"), f"{where}.collate_fn", pseudo_collate),
+        worker_init_fn=init,
+        multiprocessing_context=method if workers > 0 else None,
+        generator=torch.Generator().manual_seed(seed + (_rank() << 32)),
         persistent_workers=bool(loader_cfg.get("persistent_workers", False)) and workers > 0,
         pin_memory=bool(loader_cfg.get("pin_memory", False)) and torch.cuda.is_available(),
+        prefetch_factor=int(prefetch) if prefetch is not None and workers > 0 else None,
+        timeout=float(loader_cfg.get("timeout", 0)) if workers > 0 else 0,
     )

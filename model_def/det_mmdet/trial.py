@@ -192,8 +192,9 @@ class MMDetTrial(pytorch.PyTorchTrial):
         self.loader_env, env_lines = environment.apply(cfg.get("env_cfg"), slots)
         self.startup_notes += [f"env_cfg: {line}" for line in env_lines]
 
-        self.train_set = data.build_dataset(cfg.train_dataloader.dataset, "train_dataloader.dataset")
-        self.val_set = data.build_dataset(cfg.val_dataloader.dataset, "val_dataloader.dataset")
+        data_section = self.context.get_experiment_config().get("data") or {}  # annotation cache, transforms
+        self.train_set = data.build_dataset(cfg.train_dataloader.dataset, "train_dataloader.dataset", data_section)
+        self.val_set = data.build_dataset(cfg.val_dataloader.dataset, "val_dataloader.dataset", data_section)
         self.classes = list(self.train_set.metainfo.get("classes", ()))
 
         built_hooks = hooks.build_hooks(cfg)  # before the model: a hook the trial cannot run stops here
