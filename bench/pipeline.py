@@ -1,0 +1,293 @@
+"""Images/s per CPU core through mmdet 3.3.0's own training pipelines: mmdet's transforms vs det-mmdet's.
+
+Makes photo-like 640x480 JPEGs (smooth colour fields, textures, shapes, sensor noise; one in five
+portrait) and a COCO annotation file for them (COCO's 80 classes, about 7 polygon objects an image,
+some crowd), then builds the training dataset of each mmdet config below twice, from one config:
+as mmdet builds it, and with ``det_mmdet.fast_transforms.swap`` (what ``data.fast_transforms: true``
+does). One process, torch and OpenCV on one thread. The two are timed alternately, ``--repeats``
+times each over ``--samples`` samples (after a warm-up that fills the transforms' caches); the table
+gives the median, the speed-up, and the exclusive milliseconds per transform (time inside a
+transform, less the time of transforms it calls, e.g. the decodes MixUp asks for).
+
+    .venv/bin/python bench/pipeline.py [--images 200] [--samples 60] [--repeats 3] [--configs rtmdet_s,...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import statistics
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "model_def"))
+
+CONFIGS = {
+    "rtmdet_s": ("RTMDet-s", "rtmdet/rtmdet_s_8xb32-300e_coco.py"),
+    "yolox_s": ("YOLOX-s", "yolox/yolox_s_8xb8-300e_coco.py"),
+    "mask_rcnn": ("Mask R-CNN", "mask_rcnn/mask-rcnn_r50_fpn_1x_coco.py"),
+    "faster_rcnn": ("Faster R-CNN", "faster_rcnn/faster-rcnn_r50_fpn_1x_coco.py"),
+    "rtmdet_tiny": ("RTMDet-tiny", "rtmdet/rtmdet_tiny_8xb32-300e_coco.py"),
+    "yolox_tiny": ("YOLOX-tiny", "yolox/yolox_tiny_8xb8-300e_coco.py"),
+}
+
+
+# ---- data ------------------------------------------------------------------------------------
+
+
+def photo(rng: np.random.Generator, w: int, h: int) -> np.ndarray:
+    """A photo-like image: smooth colour fields at several scales, shapes with edges, sensor noise."""
+    img = np.zeros((h, w, 3), np.float32)
+    for cells, weight in ((4, 110.0), (16, 50.0), (64, 20.0)):
+        field = rng.uniform(0, 1, (cells * h // w + 1, cells, 3)).astype(np.float32)
+        img += cv2.resize(field, (w, h), interpolation=cv2.INTER_CUBIC) * weight
+    for _ in range(int(rng.integers(3, 9))):
+        center = (int(rng.integers(0, w)), int(rng.integers(0, h)))
+        axes = (int(rng.integers(10, w // 4)), int(rng.integers(10, h // 4)))
+        color = tuple(float(c) for c in rng.uniform(0, 200, 3))
+        cv2.ellipse(img, center, axes, float(rng.uniform(0, 180)), 0, 360, color, -1, cv2.LINE_AA)
+    img += rng.normal(0, 6, img.shape).astype(np.float32)
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def polygon(rng: np.random.Generator, w: int, h: int) -> list[float]:
+    cx, cy = rng.uniform(0.1, 0.9) * w, rng.uniform(0.1, 0.9) * h
+    r = rng.uniform(0.03, 0.3) * min(w, h)
+    angles = np.sort(rng.uniform(0, 2 * np.pi, int(rng.integers(8, 24))))
+    radii = r * rng.uniform(0.6, 1.0, len(angles))
+    xs = np.clip(cx + radii * np.cos(angles), 0, w - 1)
+    ys = np.clip(cy + radii * np.sin(angles), 0, h - 1)
+    return [round(float(v), 2) for xy in zip(xs, ys, strict=True) for v in xy]
+
+
+def make_coco(root: Path, images: int, seed: int = 0) -> None:
+    """``root/train/*.jpg`` and ``root/annotations/train.json`` with COCO's 80 classes."""
+    from mmdet.datasets import CocoDataset
+
+    rng = np.random.default_rng(seed)
+    (root / "train").mkdir(parents=True)
+    (root / "annotations").mkdir()
+    classes = CocoDataset.METAINFO["classes"]
+    imgs, anns = [], []
+    for i in range(images):
+        w, h = (480, 640) if i % 5 == 4 else (640, 480)
+        name = f"{i:06d}.jpg"
+        cv2.imwrite(str(root / "train" / name), photo(rng, w, h), [cv2.IMWRITE_JPEG_QUALITY, 90])
+        imgs.append({"id": i + 1, "file_name": name, "width": w, "height": h})
+        for _ in range(int(rng.integers(1, 14))):
+            poly = polygon(rng, w, h)
+            xs, ys = poly[0::2], poly[1::2]
+            box = [min(xs), min(ys), max(xs) - min(xs), max(ys) - min(ys)]
+            anns.append(
+                {
+                    "id": len(anns) + 1,
+                    "image_id": i + 1,
+                    "category_id": int(rng.integers(1, len(classes) + 1)),
+                    "segmentation": [poly],
+                    "bbox": box,
+                    "area": box[2] * box[3] * 0.7,
+                    "iscrowd": int(rng.random() < 0.03),
+                }
+            )
+    cats = [{"id": i + 1, "name": c} for i, c in enumerate(classes)]
+    (root / "annotations" / "train.json").write_text(
+        json.dumps({"images": imgs, "annotations": anns, "categories": cats})
+    )
+
+
+# ---- datasets --------------------------------------------------------------------------------
+
+
+def train_dataset_cfg(config: str, root: Path) -> dict:
+    """The config's training dataset, reading the made data set."""
+    import mmdet
+    from mmengine.config import Config
+
+    cfg = Config.fromfile(os.path.join(mmdet.__path__[0], ".mim", "configs", config))
+    dataset = cfg.train_dataloader.dataset.to_dict()
+    inner = dataset
+    while "ann_file" not in inner:
+        inner = inner["dataset"]
+    inner.update(data_root=str(root) + "/", ann_file="annotations/train.json", data_prefix=dict(img="train/"))
+    return dataset
+
+
+def build(dataset_cfg: dict, fast: bool):
+    from mmdet.registry import DATASETS
+
+    from det_mmdet import fast_transforms
+
+    dataset = DATASETS.build(dataset_cfg)
+    fast_transforms.swap(dataset, fast)
+    return dataset
+
+
+# ---- timing ----------------------------------------------------------------------------------
+
+
+class Clock:
+    """Exclusive time per transform name: a nested call pauses its caller's clock."""
+
+    def __init__(self) -> None:
+        self.ms: dict[str, float] = defaultdict(float)
+        self.stack: list[str] = []
+        self.last = 0.0
+
+    def enter(self, name: str) -> None:
+        now = time.perf_counter()
+        if self.stack:
+            self.ms[self.stack[-1]] += (now - self.last) * 1e3
+        self.stack.append(name)
+        self.last = now
+
+    def leave(self) -> None:
+        now = time.perf_counter()
+        self.ms[self.stack.pop()] += (now - self.last) * 1e3
+        self.last = now
+
+
+class Timed:
+    """A transform whose calls are charged to its mmdet name on ``clock``."""
+
+    def __init__(self, transform, clock: Clock) -> None:
+        self.transform, self.clock = transform, clock
+        self.name = type(transform).__name__.removeprefix("Fast")
+
+    def __call__(self, results):
+        self.clock.enter(self.name)
+        try:
+            return self.transform(results)
+        finally:
+            self.clock.leave()
+
+    def __getattr__(self, name):
+        if name == "get_indexes":  # MultiImageMixDataset asks every transform whether it mixes
+            raise AttributeError(name)
+        return getattr(self.transform, name)
+
+
+class TimedMix(Timed):
+    """A mixing transform: its choice of the other samples (MixUp decodes some) is charged to it too."""
+
+    def get_indexes(self, dataset):
+        self.clock.enter(self.name)
+        try:
+            return self.transform.get_indexes(dataset)
+        finally:
+            self.clock.leave()
+
+
+def time_transforms(dataset, clock: Clock) -> None:
+    """Wrap every pipeline step of the dataset (and of a wrapped dataset) to time it."""
+    for node in (dataset, getattr(dataset, "dataset", None)):
+        pipeline = getattr(node, "pipeline", None)
+        if pipeline is None:
+            continue
+        steps = pipeline.transforms if hasattr(pipeline, "transforms") else pipeline
+        for i, t in enumerate(steps):
+            steps[i] = (TimedMix if hasattr(t, "get_indexes") else Timed)(t, clock)
+
+
+def run(dataset, order: list[int], clock: Clock) -> float:
+    """Seconds to make the samples of ``order`` (clock collects the per-transform times)."""
+    start = time.perf_counter()
+    for i in order:
+        dataset[i]
+    return time.perf_counter() - start
+
+
+def measure(name: str, config: str, root: Path, args) -> dict:
+    cfg = train_dataset_cfg(config, root)
+    clocks = {"mmdet": Clock(), "ours": Clock()}
+    datasets = {"mmdet": build(cfg, False), "ours": build(cfg, True)}
+    for way, dataset in datasets.items():
+        time_transforms(dataset, clocks[way])
+    rng = random.Random(0)
+    n = len(datasets["mmdet"])
+    seconds: dict[str, list[float]] = {"mmdet": [], "ours": []}
+    per_transform: dict[str, list[dict[str, float]]] = {"mmdet": [], "ours": []}
+    for way, dataset in datasets.items():  # warm-up: caches filled, files in the page cache
+        run(dataset, [rng.randrange(n) for _ in range(args.warmup)], clocks[way])
+    for _ in range(args.repeats):
+        order = [rng.randrange(n) for _ in range(args.samples)]
+        for way, dataset in datasets.items():
+            clocks[way].ms.clear()
+            random.seed(1)
+            np.random.seed(1)
+            seconds[way].append(run(dataset, order, clocks[way]))
+            per_transform[way].append({k: v / args.samples for k, v in clocks[way].ms.items()})
+    result = {"name": name, "config": config}
+    for way in datasets:
+        s = statistics.median(seconds[way])
+        result[way] = {
+            "ms": 1e3 * s / args.samples,
+            "rate": args.samples / s,
+            "transforms": {
+                k: statistics.median(d.get(k, 0.0) for d in per_transform[way]) for k in per_transform[way][0]
+            },
+        }
+    result["speedup"] = result["ours"]["rate"] / result["mmdet"]["rate"]
+    return result
+
+
+def table(results: list[dict], top: int) -> str:
+    lines = [
+        "| pipeline (mmdet config) | mmdet ms / sample | ours ms / sample | mmdet images/s | ours images/s "
+        "| speed-up | largest transforms, ms (mmdet -> ours) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        mm, ours = r["mmdet"]["transforms"], r["ours"]["transforms"]
+        biggest = sorted(mm, key=mm.get, reverse=True)[:top]
+        where = ", ".join(f"{k} {mm[k]:.1f} -> {ours.get(k, 0.0):.1f}" for k in biggest)
+        lines.append(
+            f"| {r['name']} (`{Path(r['config']).name}`) | {r['mmdet']['ms']:.1f} | {r['ours']['ms']:.1f} | "
+            f"{r['mmdet']['rate']:.0f} | {r['ours']['rate']:.0f} | {r['speedup']:.2f}x | {where} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--images", type=int, default=200, help="JPEGs to make")
+    p.add_argument("--samples", type=int, default=60, help="samples per timed run")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per implementation (median taken)")
+    p.add_argument("--warmup", type=int, default=25, help="samples before timing (fills the caches)")
+    p.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated, of: {', '.join(CONFIGS)}")
+    p.add_argument("--top", type=int, default=5, help="transforms named per row")
+    args = p.parse_args()
+    chosen = [c.strip() for c in args.configs.split(",") if c.strip()]
+    unknown = [c for c in chosen if c not in CONFIGS]
+    if unknown:
+        sys.exit(f"error: --configs: unknown {', '.join(unknown)} (choose from {', '.join(CONFIGS)})")
+
+    torch.set_num_threads(1)
+    cv2.setNumThreads(1)
+    from mmengine.registry import init_default_scope
+
+    init_default_scope("mmdet")
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        make_coco(root, args.images)
+        results = [measure(*CONFIGS[c], root, args) for c in chosen]
+    print(
+        f"{args.images} photo-like JPEGs (640x480, 1 in 5 portrait), {args.samples} samples a run, median of "
+        f"{args.repeats} alternating runs; one process, torch/OpenCV threads 1; {platform.processor() or 'cpu'}, "
+        f"{os.cpu_count()} cores"
+    )
+    print(table(results, args.top))
+
+
+if __name__ == "__main__":
+    main()
