@@ -30,7 +30,18 @@ import torch
 import torch.distributed as dist
 from determined import pytorch
 
-from det_mmdet import checkpoint, data, environment, hooks, logs, pictures, runner_keys, searcher, weights
+from det_mmdet import (
+    checkpoint,
+    data,
+    environment,
+    fast_transforms,
+    hooks,
+    logs,
+    pictures,
+    runner_keys,
+    searcher,
+    weights,
+)
 from det_mmdet.errors import UserError
 from det_mmdet.evaluation import EvaluatorReducer
 from det_mmdet.runner import Schedule
@@ -198,6 +209,7 @@ class MMDetTrial(pytorch.PyTorchTrial):
         self.classes = list(self.train_set.metainfo.get("classes", ()))
 
         built_hooks = hooks.build_hooks(cfg)  # before the model: a hook the trial cannot run stops here
+        fast_transforms.swap_hooks(built_hooks, data_section.get("fast_transforms", True))  # PipelineSwitchHook
         model = revert_sync_batchnorm(self._build_model(cfg), slots, context.device)
         if cfg.get("find_unused_parameters"):
             find_unused_parameters_in_ddp(context)
