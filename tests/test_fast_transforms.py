@@ -270,6 +270,47 @@ def test_random_flip_equals_mmdet(params, masks):
         compare(slow, fast, results, seed)
 
 
+# ---- Pad / Resize on mirrored images ---------------------------------------------------------
+
+
+def mirrored(rng, results: dict, seed: int) -> dict:
+    """The image as RandomFlip leaves it every other time: a reversed view (rows, columns or both)."""
+    rows, cols = [(1, -1), (-1, 1), (-1, -1), (1, 1)][seed % 4]
+    if seed % 5 == 4:
+        results["img"] = results["img"].astype(np.float32)
+    elif seed % 7 == 6:
+        results["img"] = results["img"][..., :1]  # one channel kept as an axis
+    results["img"] = results["img"][::rows, ::cols]
+    return results
+
+
+@pytest.mark.parametrize("masks", [None, "bitmap", "polygon"])
+@pytest.mark.parametrize(
+    "params",
+    [
+        dict(size=(64, 64), pad_val=dict(img=(114, 114, 114))),
+        dict(pad_to_square=True, pad_val=dict(img=(114.0, 114.0, 114.0))),
+        dict(size_divisor=32, pad_val=7),
+    ],
+)
+def test_pad_equals_mmdet(params, masks):
+    slow, fast = pair(T.Pad, F.FastPad, **params)
+    rng = np.random.default_rng(8)
+    for seed in range(16):
+        h, w = (64, 64) if seed % 3 == 0 else tuple(int(v) for v in rng.integers(20, 64, 2))
+        results = mirrored(rng, sample(rng, h, w, int(rng.integers(0, 4)), masks), seed)
+        compare(slow, fast, results, seed)
+
+
+@pytest.mark.parametrize("params", [dict(scale=(640, 640), keep_ratio=True), dict(scale=(50, 40), keep_ratio=True)])
+def test_resize_equals_mmdet_on_mirrored_images(params):
+    slow, fast = pair(T.Resize, F.FastResize, **params)
+    rng = np.random.default_rng(9)
+    for seed in range(12):
+        size = (480, 640) if params["scale"][0] == 640 else tuple(int(v) for v in rng.integers(20, 80, 2))
+        compare(slow, fast, mirrored(rng, sample(rng, *size, 2, "bitmap"), seed), seed)
+
+
 # ---- PackDetInputs ---------------------------------------------------------------------------
 
 
