@@ -429,9 +429,15 @@ def test_yolox_mode_switch_still_skips_the_swapped_transforms(tiny_coco):
 def test_pipeline_switch_hook_gets_the_fast_transforms():
     from mmdet.engine.hooks import PipelineSwitchHook
 
-    hook = PipelineSwitchHook(switch_epoch=1, switch_pipeline=[dict(type="YOLOXHSVRandomAug"), dict(type="Pad")])
-    F.swap_hooks([(50, hook)], True)
-    assert hook.switch_pipeline == [dict(type=F.FastYOLOXHSVRandomAug), dict(type="Pad")]
+    pipeline = [dict(type="YOLOXHSVRandomAug"), dict(type="mmdet.Pad", size=(8, 8)), dict(type="RandomCrop")]
+    hook = PipelineSwitchHook(switch_epoch=1, switch_pipeline=pipeline)
+    F.swap_hooks([("custom_hooks[0]", hook)], True)
+    assert hook.switch_pipeline == [
+        dict(type=F.FastYOLOXHSVRandomAug),
+        dict(type=F.FastPad, size=(8, 8)),
+        dict(type="RandomCrop"),  # not one of ours
+    ]
+    assert pipeline[1] == dict(type="mmdet.Pad", size=(8, 8))  # the config keeps mmdet's types
 
 
 def test_the_knob_must_be_a_boolean(tmp_path):
