@@ -21,7 +21,7 @@ same random draws (the same ``numpy.random`` calls in the same order, as mmdet's
                          ``cv2.flip`` first: OpenCV's binding would copy it through numpy, 30x slower
 
 ``MultiImageMixDataset`` (YOLOX's wrapper) deep-copies the whole sample before every transform;
-:class:`FastMultiImageMixDataset` makes the same copies with :func:`copy_value`.
+:class:`FastMultiImageMixDataset` copies only where a copy can make a difference.
 
 Where the fast path cannot promise equal outputs (not 3-channel uint8 images, a pad value that is
 not a whole number in 0..255) the transform runs mmdet's code unchanged, decided before any draw.
@@ -544,15 +544,20 @@ class IndexedOnce(BitmapMasks):
 
 
 class FastMultiImageMixDataset(MultiImageMixDataset):
-    """mmdet's ``MultiImageMixDataset``, copying samples with :func:`copy_results` instead of ``deepcopy``.
+    """mmdet's ``MultiImageMixDataset``, without copies nothing can tell from the originals.
 
-    mmdet deep-copies the whole sample (the other samples to mix, ``instances`` with every polygon)
-    before every transform, so that a transform that gives up (returns None) is retried on the
-    sample as it was; the same copies are made here, of the same values, at a fraction of the cost.
+    mmdet deep-copies every sample it loads (the one to transform and the others to mix in, with
+    ``instances`` and every polygon) and the whole sample again before every transform, so that a
+    transform that gives up (returns None) is retried on the sample as it was. Here a sample that
+    mmengine's own ``BaseDataset`` has just made from its annotations is used as it is (nothing else
+    holds it), and the copy before a transform is made (by :func:`copy_value`, the same values) only
+    for transforms that can give up: not for those of :data:`NEVER_NONE`, whose results replace
+    the sample they were given.
     """
 
     def __getitem__(self, idx):
-        results = copy_value(self.dataset[idx])
+        take = (lambda sample: sample) if fresh_samples(self.dataset) else copy_value
+        results = take(self.dataset[idx])
         for transform, transform_type in zip(self.pipeline, self.pipeline_types, strict=True):
             if self._skip_type_keys is not None and transform_type in self._skip_type_keys:
                 continue
@@ -561,14 +566,15 @@ class FastMultiImageMixDataset(MultiImageMixDataset):
                     indexes = transform.get_indexes(self.dataset)
                     if not isinstance(indexes, collections.abc.Sequence):
                         indexes = [indexes]
-                    mix_results = [copy_value(self.dataset[index]) for index in indexes]
+                    mix_results = [take(self.dataset[index]) for index in indexes]
                     if None not in mix_results:
                         results["mix_results"] = mix_results
                         break
                 else:
                     raise RuntimeError(f"{transform_type}: the inner dataset's pipeline returned None every time")
+            keep = type(transform) in NEVER_NONE
             for _ in range(self.max_refetch):
-                updated = transform(copy_value(results))
+                updated = transform(results if keep else copy_value(results))
                 if updated is not None:
                     results = updated
                     break
@@ -576,6 +582,18 @@ class FastMultiImageMixDataset(MultiImageMixDataset):
                 raise RuntimeError(f"{transform_type} returned None every time ({self.max_refetch} tries)")
             results.pop("mix_results", None)
         return results
+
+
+def fresh_samples(dataset) -> bool:
+    """Whether ``dataset[i]`` is a new dict of new objects each time: mmengine's ``BaseDataset`` reading
+    (a copy of) its annotations and only loading (see :func:`loaded_box_counts`)."""
+    from mmengine.dataset import BaseDataset
+
+    kind = type(dataset)
+    same = all(
+        getattr(kind, m, None) is getattr(BaseDataset, m) for m in ("__getitem__", "prepare_data", "get_data_info")
+    )
+    return same and loaded_box_counts(dataset) is not None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -594,6 +612,20 @@ FAST: dict[type, type] = {
     mmdet_transforms.Pad: FastPad,
 }
 FAST_DATASETS: dict[type, type] = {MultiImageMixDataset: FastMultiImageMixDataset}
+# Transforms that always return their results (never None, so never retried by the wrapper).
+NEVER_NONE = frozenset(
+    {
+        *FAST.values(),
+        mmdet_transforms.RandomAffine,
+        mmdet_transforms.Mosaic,
+        mmdet_transforms.MixUp,
+        mmdet_transforms.YOLOXHSVRandomAug,
+        mmdet_transforms.RandomFlip,
+        mmdet_transforms.Resize,
+        mmdet_transforms.Pad,
+        mmdet_formatting.PackDetInputs,
+    }
+)
 FAST_BY_NAME = {cls.__name__: fast for cls, fast in FAST.items()}
 
 
