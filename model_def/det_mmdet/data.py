@@ -25,7 +25,6 @@ from mmengine.dataset import pseudo_collate
 from det_mmdet import (
     annotation_cache,
     backends,  # noqa: F401  (registers the s3, gcs and fake file backends)
-    fast_transforms,
     logs,
 )
 from det_mmdet.environment import LoaderEnv
@@ -60,6 +59,8 @@ def build_dataset(dataset_cfg: dict[str, Any], what: str, data: Mapping[str, Any
         raise UserError(f"{what}: the dataset {dataset_cfg.get('ann_file', '')!r} has no usable images")
     if audit is not None:
         audit.report(len(dataset), dataset_cfg.get("indices"))
+    from det_mmdet import fast_transforms  # here: it imports mmdet's datasets (0.7 s)
+
     fast_transforms.swap(dataset, (data or {}).get("fast_transforms", True))  # mmdet's outputs, faster
     return dataset
 
