@@ -8,11 +8,12 @@ segm a rectangle-ish RLE mask on every detection (polygon masks on the ground tr
 Each measurement is one fresh process that builds the metric from the annotation file and scores the
 results (``compute_metrics``: results to numbers, ground truth loading included) and reports its wall
 time and peak memory (the chief's, on a cluster). mmdet's CocoMetric (pycocotools) and ours
-(faster-coco-eval) alternate, three times each; the table shows medians and checks the numbers agree.
+(``data.coco_backend``'s default, hotcoco) alternate, three times each; the table shows medians and
+checks the numbers agree. Then ``det-mmdet evaluate --results`` (``export.evaluate_results``: a COCO
+results file with boxes and masks, bbox and segm) once with hotcoco and once with pycocotools.
 
-    python bench/eval.py                       # bbox and segm, 5,000 images (~10 min on 2 cores)
-    python bench/eval.py --images 500 --repeats 1
-"""
+    python bench/eval.py                       # bbox and segm, 5,000 images (~15 min on 2 cores)
+    python bench/eval.py --images 500 --repeats 1"""
 
 from __future__ import annotations
 
@@ -139,7 +140,7 @@ def measure(which: str, kind: str, ann: Path, pkl: Path) -> dict[str, Any]:
     results = pickle.loads(pkl.read_bytes())
     metric_cls = metric_class(which)
     if which == "ours":
-        import faster_coco_eval  # noqa: F401  (imported on first use; a module import, not scoring)
+        import hotcoco  # noqa: F401  (imported on first use; a module import, not scoring)
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools' progress lines
         start = time.perf_counter()
         metric = build_metric(metric_cls, ann, kind)
@@ -148,6 +149,37 @@ def measure(which: str, kind: str, ann: Path, pkl: Path) -> dict[str, Any]:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # MiB (Linux reports KiB)
     numbers = {k: v for k, v in scores.items() if k.startswith(f"{kind}_mAP")}
     return {"seconds": seconds, "peak_mib": peak, "scores": numbers}
+
+
+def measure_results_file(backend: str, results: Path, ann: Path) -> dict[str, Any]:
+    """``det-mmdet evaluate --results``, scoring only (the CLI's imports are not scoring)."""
+    import contextlib
+    import io
+
+    from det_mmdet.export import evaluate_results
+
+    with contextlib.redirect_stdout(io.StringIO()):  # the tables
+        start = time.perf_counter()
+        scores = evaluate_results(results, ann, None, backend)
+        seconds = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"seconds": seconds, "peak_mib": peak, "scores": {k: v for k, v in scores.items() if "_AP_" not in k}}
+
+
+def results_file(pkl: Path, out: Path) -> Path:
+    """The result set as a COCO results file, as ``det-mmdet predict`` writes one (box, score, RLE mask)."""
+    found = []
+    for _, pred in pickle.loads(pkl.read_bytes()):
+        xyxy = pred["bboxes"].astype(np.float64)
+        boxes = np.concatenate([xyxy[:, :2], xyxy[:, 2:] - xyxy[:, :2]], axis=1).tolist()
+        scores = pred["scores"].astype(np.float64).tolist()
+        for box, score, label, mask in zip(boxes, scores, pred["labels"].tolist(), pred["masks"], strict=True):
+            segmentation = {"size": mask["size"], "counts": mask["counts"].decode()}
+            found.append({"image_id": pred["img_id"], "category_id": label + 1, "bbox": box, "score": score,
+                          "segmentation": segmentation})  # fmt: skip
+    path = out / "results.json"
+    path.write_text(json.dumps(found))
+    return path
 
 
 def run_one(which: str, kind: str, ann: Path, pkl: Path) -> dict[str, Any]:
@@ -165,9 +197,17 @@ def main() -> None:
     parser.add_argument("--kind", default="bbox", help=argparse.SUPPRESS)
     parser.add_argument("--ann", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--pkl", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--results-file", action=argparse.BooleanOptionalAction, default=True,
+        help="also time det-mmdet evaluate --results (hotcoco and pycocotools, once each)",
+    )  # fmt: skip
+    parser.add_argument("--one-results", choices=["hotcoco", "pycocotools"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
         print(json.dumps(measure(args.one, args.kind, args.ann, args.pkl)))
+        return
+    if args.one_results:
+        print(json.dumps(measure_results_file(args.one_results, args.pkl, args.ann)))
         return
 
     with tempfile.TemporaryDirectory() as scratch:
@@ -191,12 +231,27 @@ def main() -> None:
             )
             if not same:
                 print(f"{kind}: the numbers differ: {runs['mmdet'][0]['scores']} vs {runs['ours'][0]['scores']}")
+        if args.results_file and "segm" in args.kinds:
+            path = results_file(pkl, Path(scratch))
+            command = [sys.executable, __file__, "--ann", str(ann), "--pkl", str(path), "--one-results"]
+            files = {}
+            for backend in ("hotcoco", "pycocotools"):
+                done = subprocess.run([*command, backend], capture_output=True, text=True, check=True)
+                files[backend] = json.loads(done.stdout.strip().splitlines()[-1])
+                print(f"evaluate --results {backend}: {files[backend]['seconds']:.1f} s", file=sys.stderr, flush=True)
     print(f"{args.images} images, 80 classes, 100 detections per image; median of {args.repeats}, alternating")
     print(
         "| IoU type | mmdet CocoMetric | det-mmdet | speed-up | peak memory, mmdet | peak memory, ours | same numbers |"
     )
     print("|---|---|---|---|---|---|---|")
     print("\n".join(rows))
+    if args.results_file and "segm" in args.kinds:
+        hot, ref = files["hotcoco"], files["pycocotools"]
+        same = "yes" if hot["scores"] == ref["scores"] else "NO"
+        print("\n| det-mmdet evaluate --results (bbox and segm) | hotcoco | pycocotools | speed-up | same numbers |")
+        print("|---|---|---|---|---|")
+        cells = [f"{run['seconds']:.1f} s, {run['peak_mib']:.0f} MiB" for run in (hot, ref)]
+        print(f"| {args.images} images | {' | '.join(cells)} | {ref['seconds'] / hot['seconds']:.1f}x | {same} |")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ import torch
 from conftest import det_mmdet, shapes_hparams, write_experiment
 
 
-@pytest.mark.parametrize("backend", ["faster-coco-eval", "pycocotools"])
+@pytest.mark.parametrize("backend", ["hotcoco", "faster-coco-eval", "pycocotools"])
 def test_a_validation_without_detections_reports_zero_ap_not_nothing(shapes, backend):
     """mmdet's CocoMetric reports no score at all then, and a cluster trial would die for it."""
     from mmdet.structures import DetDataSample
