@@ -41,7 +41,7 @@ def test_a_run_says_what_it_does_and_nothing_else(tmp_path, shapes):
         "[validation @ batch 2] bbox_mAP=",
         "[validation @ batch 4] bbox_mAP=",
         "optim_wrapper.type AmpOptimWrapper: no GPU here, training in float32",
-        "validation: CocoMetric bbox scored by faster-coco-eval (data.coco_backend)",
+        "validation: CocoMetric bbox scored by hotcoco (data.coco_backend)",
     ):
         assert line in out, line
     assert out.count(TABLE_LINE) == 1  # two validations, the table of the last one at the end

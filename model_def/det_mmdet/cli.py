@@ -92,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--results", type=Path, help="a COCO results file to score instead of a model")
     evaluate.add_argument("--out", type=Path, help="also write metrics.json and per_class_ap.md here")
     evaluate.add_argument(
-        "--coco-backend", choices=("faster-coco-eval", "pycocotools"), help="COCOeval to score with (faster-coco-eval)"
+        "--coco-backend", choices=("hotcoco", "faster-coco-eval", "pycocotools"), help="COCOeval to use (hotcoco)"
     )
     evaluate.set_defaults(func=cmd_evaluate)
     check = sub.add_parser("check", help="what can be known before det experiment create: configs, models, paths")
