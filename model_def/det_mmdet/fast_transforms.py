@@ -1,8 +1,8 @@
 """Faster versions of mmdet 3.3.0's heaviest training transforms, with the same outputs.
 
 Each class here subclasses mmdet's transform of the same name: same parameters, same ``__init__``,
-same random draws (the same ``numpy.random`` calls in the same order, as mmdet's module makes them, through mmdet's own
-``get_indexes`` and ``_get_hsv_gains``), and outputs equal bit for bit. Only the arithmetic differs:
+same random draws (the ``numpy.random`` calls of mmdet's module, in the same order, some through
+mmdet's own ``get_indexes`` and ``_get_hsv_gains``), and outputs equal bit for bit. What differs:
 
     MixUp, CachedMixUp   canvases and the blend in uint8 (mmdet fills float64 canvases with
                          ``np.ones * pad_val`` and blends in float32; ``trunc(0.5 a + 0.5 b)`` is
@@ -122,7 +122,7 @@ def half_sum(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def resized(img: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """``mmcv.imresize(img, size)``; an image already of that size is returned as is (OpenCV copies it)."""
-    if size == (img.shape[1], img.shape[0]):
+    if size == (img.shape[1], img.shape[0]) and mmcv.image.geometric.imread_backend == "cv2":
         return img
     return mmcv.imresize(img, size)
 
