@@ -250,6 +250,15 @@ def test_hsv_equals_mmdet(params):
         compare(slow, fast, results, seed)
 
 
+def test_opencv_hue_is_at_most_179():
+    """Why a zero hue gain may skip mmdet's ``(h + 0) % 180``: every 8-bit colour's hue is below 180."""
+    import cv2
+
+    colours = np.arange(1 << 24, dtype=np.uint32)
+    img = np.stack([colours >> 16, (colours >> 8) & 255, colours & 255], -1).astype(np.uint8).reshape(4096, 4096, 3)
+    assert cv2.cvtColor(img, cv2.COLOR_BGR2HSV)[..., 0].max() == 179
+
+
 # ---- Resize / RandomFlip (bitmap masks) -------------------------------------------------------
 
 

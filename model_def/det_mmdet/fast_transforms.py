@@ -13,7 +13,8 @@ mmdet's own ``get_indexes`` and ``_get_hsv_gains``), and outputs equal bit for b
                          resize of an image already at its mosaic size (OpenCV copies those)
     the cached ones      cache copies of what they read back (image, boxes, labels, flags, masks),
                          not of the whole sample (mmdet's caches hold every polygon of ``instances``)
-    YOLOXHSVRandomAug    the hue/saturation/value shifts as one lookup table instead of int16 arrays
+    YOLOXHSVRandomAug    the hue/saturation/value shifts by lookup tables instead of int16 arrays,
+                         only for the channels whose gain is not zero
     PackDetInputs        the image made channels-first by ``cv2.split`` instead of torch's permute
     Resize, RandomFlip   bitmap masks resized / mirrored by the same OpenCV calls into one array
                          (``BitmapMasks`` copies every result twice, once more in its ``__init__``)
@@ -394,7 +395,12 @@ class FastCachedMosaic(MosaicPixels, mmdet_transforms.CachedMosaic):
 
 @TRANSFORMS.register_module(name="FastYOLOXHSVRandomAug", force=True)
 class FastYOLOXHSVRandomAug(mmdet_transforms.YOLOXHSVRandomAug):
-    """mmdet's ``YOLOXHSVRandomAug``: the per-channel shifts of H, S and V as one lookup table."""
+    """mmdet's ``YOLOXHSVRandomAug``: each shifted channel through a lookup table, the others left alone.
+
+    mmdet shifts all three channels in int16 arrays. A zero gain (half of them: mmdet multiplies the
+    gains by ``randint(0, 2)``) changes nothing: OpenCV's 8-bit hue is at most 179, so ``h % 180`` is
+    ``h``; ``clip(s + 0)`` is ``s``. The HSV round trip itself stays, as it changes the image.
+    """
 
     LEVELS = np.arange(256, dtype=np.int16)
 
@@ -403,12 +409,14 @@ class FastYOLOXHSVRandomAug(mmdet_transforms.YOLOXHSVRandomAug):
         if not is_color_uint8(img):
             return super().transform(results)
         gains = self._get_hsv_gains()
-        table = np.empty((256, 1, 3), dtype=np.uint8)
-        table[:, 0, 0] = (self.LEVELS + gains[0]) % 180
-        table[:, 0, 1] = np.clip(self.LEVELS + gains[1], 0, 255)
-        table[:, 0, 2] = np.clip(self.LEVELS + gains[2], 0, 255)
         hsv = cv2.cvtColor(img, cv2.COLOR_BGR2HSV)
-        cv2.LUT(hsv, table, dst=hsv)
+        if gains.any():
+            planes = list(cv2.split(hsv))
+            for channel in np.flatnonzero(gains):
+                shifted = self.LEVELS + gains[channel]
+                table = shifted % 180 if channel == 0 else np.clip(shifted, 0, 255)
+                planes[channel] = cv2.LUT(planes[channel], table.astype(np.uint8))
+            hsv = cv2.merge(planes)
         cv2.cvtColor(hsv, cv2.COLOR_HSV2BGR, dst=img)  # in place, as mmdet's
         results["img"] = img
         return results
