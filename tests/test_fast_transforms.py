@@ -207,7 +207,12 @@ def test_mixup_skips_decoding_only_for_a_loading_pipeline(tiny_coco):
 
 
 @pytest.mark.parametrize(
-    "params", [dict(img_scale=(64, 48)), dict(img_scale=(48, 48), prob=0.6, center_ratio_range=(0.8, 1.2))]
+    "params",
+    [
+        dict(img_scale=(64, 48)),
+        dict(img_scale=(48, 48), prob=0.6, center_ratio_range=(0.8, 1.2)),
+        dict(img_scale=(32, 40), center_ratio_range=(0.0, 2.2), pad_val=(10, 20, 30)),  # centres off the canvas
+    ],
 )
 def test_mosaic_equals_mmdet(params):
     slow, fast = pair(T.Mosaic, F.FastMosaic, **params)

@@ -10,7 +10,8 @@ mmdet's own ``get_indexes`` and ``_get_hsv_gains``), and outputs equal bit for b
                          mixed-in sample; MixUp learns which samples have boxes from the annotations
                          instead of decoding an image (when the inner pipeline only loads)
     Mosaic, CachedMosaic no deep copies of the four samples (boxes are cloned, images only read), no
-                         resize of an image already at its mosaic size (OpenCV copies those)
+                         resize of an image already at its mosaic size (OpenCV copies those), the
+                         canvas filled only where no image goes
     the cached ones      cache copies of what they read back (image, boxes, labels, flags, masks),
                          not of the whole sample (mmdet's caches hold every polygon of ``instances``)
     YOLOXHSVRandomAug    the hue/saturation/value shifts by lookup tables instead of int16 arrays,
@@ -320,20 +321,19 @@ class MosaicPixels:
         img = results["img"]
         width, height = self.img_scale
         shape = (int(height * 2), int(width * 2), 3) if len(img.shape) == 3 else (int(height * 2), int(width * 2))
-        canvas = np.full(shape, self.pad_val, dtype=img.dtype)
         center = (
             int(np.random.uniform(*self.center_ratio_range) * width),
             int(np.random.uniform(*self.center_ratio_range) * height),
         )
-        all_boxes, labels, flags, masks = [], [], [], []
+        pieces = []
         for loc, patch in zip(MOSAIC_LOCATIONS, [results, *others], strict=True):
-            img_i = patch["img"]
-            h_i, w_i = img_i.shape[:2]
+            h_i, w_i = patch["img"].shape[:2]
             scale_i = min(height / h_i, width / w_i)
-            img_i = resized(img_i, (int(w_i * scale_i), int(h_i * scale_i)))
-            (x1_p, y1_p, x2_p, y2_p), (x1_c, y1_c, x2_c, y2_c) = self._mosaic_combine(
-                loc, center, img_i.shape[:2][::-1]
-            )
+            img_i = resized(patch["img"], (int(w_i * scale_i), int(h_i * scale_i)))
+            pieces.append((patch, scale_i, img_i, *self._mosaic_combine(loc, center, img_i.shape[:2][::-1])))
+        canvas = mosaic_canvas(shape, self.pad_val, img.dtype, center, [piece[3] for piece in pieces])
+        all_boxes, labels, flags, masks = [], [], [], []
+        for patch, scale_i, img_i, (x1_p, y1_p, x2_p, y2_p), (x1_c, y1_c, x2_c, y2_c) in pieces:
             canvas[y1_p:y2_p, x1_p:x2_p] = img_i[y1_c:y2_c, x1_c:x2_c]
             padw, padh = x1_p - x1_c, y1_p - y1_c
             boxes = patch["gt_bboxes"].clone()
@@ -360,6 +360,35 @@ class MosaicPixels:
         if with_mask:
             results["gt_masks"] = masks[0].cat(masks)[inside]
         return results
+
+
+def mosaic_canvas(
+    shape: tuple[int, ...], pad_val: Any, dtype: Any, center: tuple[int, int], pastes: list
+) -> np.ndarray:
+    """mmdet's ``np.full(shape, pad_val)`` mosaic canvas, filled only where no image will be pasted.
+
+    The four images go into the four quadrants around ``center``, one each (``_mosaic_combine``);
+    outside that arrangement (a centre off the canvas) the whole canvas is filled, as mmdet does.
+    """
+    h, w = shape[:2]
+    cx, cy = center
+    quadrants = [(0, cy, 0, cx), (0, cy, cx, w), (cy, h, 0, cx), (cy, h, cx, w)]  # rows, columns
+    inside = (
+        0 <= cx <= w
+        and 0 <= cy <= h
+        and all(
+            r0 <= y1 <= y2 <= r1 and c0 <= x1 <= x2 <= c1
+            for (r0, r1, c0, c1), (x1, y1, x2, y2) in zip(quadrants, pastes, strict=True)
+        )
+    )
+    if not inside:
+        return np.full(shape, pad_val, dtype=dtype)
+    canvas = np.empty(shape, dtype=dtype)
+    for (r0, r1, c0, c1), (x1, y1, x2, y2) in zip(quadrants, pastes, strict=True):
+        for top, bottom, left, right in ((r0, y1, c0, c1), (y2, r1, c0, c1), (y1, y2, c0, x1), (y1, y2, x2, c1)):
+            if bottom > top and right > left:
+                canvas[top:bottom, left:right] = pad_val
+    return canvas
 
 
 @TRANSFORMS.register_module(name="FastMosaic", force=True)
