@@ -52,6 +52,7 @@ FORMAT = 1  # bump when what an entry holds changes
 # per item, after the cache), the retry count, and the file itself (keyed by its bytes instead).
 NOT_SETTINGS = frozenset(
     {"data_list", "data_bytes", "data_address", "_fully_initialized", "pipeline", "max_refetch", "ann_file"}
+    | {"annotation_cache_entry"}
 )
 # What CocoDataset's load_data_list leaves on the dataset besides data_list (cat_img_map is read by
 # filter_data only, which the cache has already applied).
@@ -288,8 +289,26 @@ def _attach(dataset, audit: Any, entry: Path) -> None:
         setattr(dataset, name, value)
     dataset.data_list = []
     dataset._fully_initialized = True
+    dataset.annotation_cache_entry = str(entry)
     if audit is not None and meta["audit"] is not None:
         audit.images, audit.boxes, audit.kept = meta["audit"]
+
+
+def remembered(dataset, name: str, compute: Callable[[], Any]) -> np.ndarray:
+    """``compute()`` as an array, kept in the dataset's cache entry (when it has one) for later processes.
+
+    For what start-up derives from every item (the aspect-ratio groups read all 118k at COCO size).
+    """
+    entry = getattr(dataset, "annotation_cache_entry", None)
+    path = Path(entry) / f"{name}.npy" if entry else None
+    if path is not None and path.is_file():
+        return np.load(path)
+    value = np.asarray(compute())
+    if path is not None:
+        scratch = path.with_name(f"{path.name}.tmp-{os.getpid()}.npy")
+        np.save(scratch, value)
+        os.replace(scratch, path)  # another process's copy is the same array
+    return value
 
 
 def _write_atomically(path: Path, data: bytes) -> None:

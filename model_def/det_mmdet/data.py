@@ -219,12 +219,17 @@ class AspectRatioBatchSampler(torch.utils.data.BatchSampler):
 
 
 def aspect_flags(dataset) -> list[int]:
-    """1 for landscape (w >= h), 0 for portrait, from the annotation file (no image reads)."""
-    flags = []
-    for i in range(len(dataset)):
-        info = dataset.get_data_info(i)
-        flags.append(int(info.get("width", 1) >= info.get("height", 1)))
-    return flags
+    """1 for landscape (w >= h), 0 for portrait, from the annotation file (no image reads); computed
+    once per node where the dataset comes from the annotation cache."""
+
+    def compute() -> list[int]:
+        flags = []
+        for i in range(len(dataset)):
+            info = dataset.get_data_info(i)
+            flags.append(int(info.get("width", 1) >= info.get("height", 1)))
+        return flags
+
+    return annotation_cache.remembered(dataset, "aspect_flags", compute).tolist()
 
 
 def seed_worker(
