@@ -471,3 +471,22 @@ def test_the_knob_must_be_a_boolean(tmp_path):
     )
     with pytest.raises(UserError, match=r"^data.fast_transforms: 'yes' is not true or false$"):
         build_config(exp)
+
+
+def test_swapped_dataset_pickles_for_loader_workers(tiny_coco):
+    """Loader workers started by spawn/forkserver get the dataset pickled: the fast classes travel."""
+    import pickle
+
+    init_default_scope("mmdet")
+    loads = [dict(type="LoadImageFromFile"), dict(type="LoadAnnotations", with_bbox=True)]
+    cfg = dict(type="MultiImageMixDataset", dataset=coco_cfg(tiny_coco, loads), pipeline=YOLOX_LIKE)
+    dataset = build_dataset(cfg, "train_dataloader.dataset", {"fast_transforms": True})
+    copied = pickle.loads(pickle.dumps(dataset))
+    assert type(copied) is F.FastMultiImageMixDataset
+    assert [type(t) for t in copied.pipeline] == [type(t) for t in dataset.pipeline]
+    random.seed(3)
+    np.random.seed(3)
+    first = dataset[1]
+    random.seed(3)
+    np.random.seed(3)
+    assert_same(first, copied[1])
