@@ -156,6 +156,9 @@ def measure_results_file(backend: str, results: Path, ann: Path) -> dict[str, An
     import contextlib
     import io
 
+    import hotcoco  # noqa: F401  (module imports, not scoring)
+
+    from det_mmdet import coco  # noqa: F401
     from det_mmdet.export import evaluate_results
 
     with contextlib.redirect_stdout(io.StringIO()):  # the tables

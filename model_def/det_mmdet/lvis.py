@@ -79,7 +79,6 @@ class FastLVISMetric(LVISMetric):
 
         with get_local_path(ann_file, backend_args=backend_args) as local_path, logs.chatter():
             self._lvis_api = COCO(local_path)
-        self.backend = "hotcoco"
         self.tables: list[str] = []  # the last scoring's summaries, one per metric
 
     def process(self, data_batch: Any, data_samples: Sequence[dict]) -> None:
