@@ -113,7 +113,7 @@ def test_torchvision_is_installed_with_its_ops_and_weight_tables():
     assert nms(boxes, torch.tensor([0.9, 0.8, 0.7]), 0.5).tolist() == [0, 2]
     url = ResNet18_Weights.IMAGENET1K_V1.url
     assert url == R18_URL, torchvision.__version__
-    for name in ("resnet18", "resnet18.imagenet1k_v1", "ResNet18_Weights.IMAGENET1K_V1"):  # as mmengine's loader
+    for name in ("resnet18", "resnet18.imagenet1k_v1", "resnet18.default"):  # as mmengine's loader names them
         assert weights.scheme_url(f"torchvision://{name}", "x") == url, name
 
 

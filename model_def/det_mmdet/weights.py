@@ -92,7 +92,7 @@ def scheme_url(source: str, what: str) -> str:
 
     ``torchvision://`` names come from ``get_torchvision_models``, as mmengine's own loader takes them:
     its table of torchvision 0.12 names plus the installed torchvision's weights (``resnet50.imagenet1k_v1``,
-    ``ResNet50_Weights.IMAGENET1K_V1``).
+    ``resnet50.default``).
     """
     if not source.startswith(SCHEMES):
         return source
