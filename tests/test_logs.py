@@ -94,3 +94,24 @@ def test_a_cluster_log_gets_one_plain_line_per_report_and_validation():
         "[training @ batch 250/1000, 25%] loss=1.235 lr=0.02",
         "[validation @ batch 1000/1000, 100%] bbox_mAP=0.4321",
     ]
+
+
+INFERENCER_NOISE = (
+    "Loads checkpoint by local backend from path",  # mmengine's checkpoint loader, INFO
+    'Failed to search registry with scope "mmdet" in the "function" registry tree',  # the registry, WARNING
+    "please provide the `save_dir` argument",  # the Visualizer's LocalVisBackend, UserWarning
+)
+
+
+def test_predict_and_evaluate_keep_the_inferencers_chatter_unless_verbose(tmp_path, shapes):
+    """mmdet's DetInferencer (demo pictures, predict, evaluate; one helper builds it) says these every time."""
+    run(tmp_path, shapes, "--max-batches", 1)
+    model, val = tmp_path / "run", shapes / "val"
+    quiet = det_mmdet("predict", model, val / "val_00000.jpg", "--out", tmp_path / "pred")
+    loud = det_mmdet("evaluate", model, "--ann", shapes / "annotations" / "val.json", "--images", val, "--verbose")
+    for r in (quiet, loud):
+        assert r.returncode == 0, r.stderr[-3000:]
+    for noise in INFERENCER_NOISE:
+        assert noise not in quiet.stdout + quiet.stderr, noise
+        assert noise in loud.stdout + loud.stderr, noise
+    assert " on 1 images -> " in quiet.stderr  # our own line stays

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from det_mmdet import checkpoint
+from det_mmdet import checkpoint, logs
 from det_mmdet.config import build_config, experiment_from_dict
 from det_mmdet.shapes import make_shapes
 
@@ -75,17 +75,13 @@ def draw_curves(records: list[dict], path: Path) -> None:
 def draw_predictions(model_dir: Path, images: list[Path], path: Path, score_thr: float = 0.5) -> None:
     """A 3x3 grid of validation images with the predicted boxes, classes and scores drawn."""
     import cv2
-    from mmdet.apis import DetInferencer
 
-    inferencer = DetInferencer(
-        model=str(model_dir / checkpoint.CONFIG_FILE),
-        weights=str(model_dir / checkpoint.MODEL_FILE),
-        device="cpu",
-        show_progress=False,
-    )
-    out = inferencer(
-        [str(p) for p in images], return_vis=True, no_save_vis=True, pred_score_thr=score_thr, batch_size=len(images)
-    )
+    from det_mmdet.export import inferencer
+
+    model = inferencer(model_dir, device="cpu")
+    files = [str(p) for p in images]
+    with logs.inferencer_chatter():
+        out = model(files, return_vis=True, no_save_vis=True, pred_score_thr=score_thr, batch_size=len(images))
     tiles = [cv2.resize(v, (256, 256), interpolation=cv2.INTER_NEAREST) for v in out["visualization"]]
     tiles += [np.zeros_like(tiles[0])] * (-len(tiles) % 3)
     rows = [np.concatenate(tiles[i : i + 3], axis=1) for i in range(0, len(tiles), 3)]

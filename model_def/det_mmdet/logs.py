@@ -60,22 +60,53 @@ HARMLESS_WARNINGS = (
 
 
 class _DropHarmless(logging.Filter):
+    def __init__(self, texts: tuple[str, ...] = HARMLESS_LOG) -> None:
+        super().__init__()
+        self.texts = texts
+
     def filter(self, record: logging.LogRecord) -> bool:
-        return not any(text in record.getMessage() for text in HARMLESS_LOG)
+        return not any(text in record.getMessage() for text in self.texts)
 
 
 @contextlib.contextmanager
-def harmless_dropped() -> Iterator[None]:
-    """mmengine's known-harmless warnings (``HARMLESS_LOG``) held back inside the block."""
+def harmless_dropped(texts: tuple[str, ...] = HARMLESS_LOG) -> Iterator[None]:
+    """mmengine's known-harmless warnings (``HARMLESS_LOG``, or ``texts``) held back inside the block."""
     from mmengine.logging import MMLogger
 
-    mm_logger, dropper = MMLogger.get_current_instance(), _DropHarmless()
+    mm_logger, dropper = MMLogger.get_current_instance(), _DropHarmless(texts)
     if not verbose():
         mm_logger.addFilter(dropper)
     try:
         yield
     finally:
         mm_logger.removeFilter(dropper)
+
+
+# mmdet's DetInferencer (the demo's pictures, predict, evaluate) on every construction: the model's config
+# names the registry scope again, and its visualizer's LocalVisBackend has no save_dir (nothing is saved).
+INFERENCER_LOG = ('Failed to search registry with scope "mmdet" in the "function" registry tree',)  # pseudo_collate
+INFERENCER_WARNINGS = (
+    (
+        UserWarning,
+        r"Failed to add <class 'mmengine\.visualization\.vis_backend\.LocalVisBackend'>, please provide the `save_dir`",
+        r"mmengine\.visualization\.visualizer",
+    ),
+)
+
+
+@contextlib.contextmanager
+def inferencer_chatter() -> Iterator[None]:
+    """Building and running mmdet's DetInferencer: "Loads checkpoint by local backend from path: ..." (printed),
+    ``INFERENCER_LOG`` and ``INFERENCER_WARNINGS`` held back unless verbose."""
+    if verbose():
+        yield
+        return
+    import warnings
+
+    with chatter(), harmless_dropped(INFERENCER_LOG), warnings.catch_warnings():
+        for category, message, module in INFERENCER_WARNINGS:
+            warnings.filterwarnings("ignore", message=message, category=category, module=module)
+        yield
 
 
 def ignore_harmless_warnings() -> None:
