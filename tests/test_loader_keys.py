@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import inspect
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
 from mmengine.dataset import default_collate
 from mmengine.registry import FUNCTIONS
 
+from conftest import ROOT
 from det_mmdet import data
 from det_mmdet.errors import UserError
 
@@ -77,3 +80,18 @@ def test_what_cannot_be_honoured_is_one_line(cfg, message):
         batches(cfg)
     assert str(e.value).startswith(message)
     assert "\n" not in str(e.value)
+
+
+def test_loader_workers_bench_runs_both_loaders():
+    """A miniature bench/loader_workers.py: the Runner's loader and ours, 0 and 1 workers."""
+    cmd = [sys.executable, "bench/loader_workers.py", "--images", "8", "--workers", "0", "1", "--repeat", "1"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line.split("|") for line in proc.stdout.splitlines() if line.startswith("| ") and "| loader |" not in line]
+    assert [(r[1].strip(), r[2].strip()) for r in rows] == [
+        ("mmengine Runner.build_dataloader", "0"),
+        ("det-mmdet data.train_loader", "0"),
+        ("mmengine Runner.build_dataloader", "1"),
+        ("det-mmdet data.train_loader", "1"),
+    ]
+    assert all(float(r[3]) > 0 for r in rows)
