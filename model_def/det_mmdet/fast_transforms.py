@@ -567,12 +567,17 @@ def unmirrored(img: Any) -> Any:
 
 
 class IndexedOnce(BitmapMasks):
-    """Bitmap masks whose ``masks[index]`` is a plain ``BitmapMasks`` holding one copy (mmdet's holds two)."""
+    """Bitmap masks whose ``masks[index]`` is a plain ``BitmapMasks`` holding one copy (mmdet's holds two),
+    or none when the index takes every mask in order (the sample is packed: nothing else reads them)."""
 
     def __init__(self, masks: BitmapMasks) -> None:
         self.masks, self.height, self.width = masks.masks, masks.height, masks.width
 
     def __getitem__(self, index) -> BitmapMasks:
+        n = len(self.masks)
+        every = isinstance(index, np.ndarray) and index.shape == (n,) and np.array_equal(index, np.arange(n))
+        if every and self.masks.flags.c_contiguous:
+            return bitmap_masks(self.masks, self.height, self.width)
         return bitmap_masks(self.masks[index].reshape(-1, self.height, self.width), self.height, self.width)
 
 
