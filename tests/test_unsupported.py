@@ -69,7 +69,7 @@ def test_guided_anchoring_names_the_cuda_only_op(tmp_path, shapes):
     }
     line = one_error(tmp_path, shapes, "guided_anchoring/ga-retinanet_r50_fpn_1x_coco.py", **shrunk)
     assert line == (
-        "error: model.bbox_head.conv_loc (MaskedConv2d) runs mmcv's masked_im2col_forward, which this mmcv build "
+        "error: model.bbox_head.retina_cls (MaskedConv2d) runs mmcv's masked_im2col_forward, which this mmcv build "
         "implements for CUDA only: this model needs a CUDA device (mmengine's Runner fails on a CPU too)"
     )
 
@@ -82,7 +82,7 @@ def test_a_semantic_branch_without_semantic_maps_names_the_keys(tmp_path, shapes
         "does not give (no train_dataloader.dataset.data_prefix.seg); train_dataloader.dataset.pipeline loads them "
         "(LoadAnnotations with_seg=True): set train_dataloader.dataset.data_prefix.seg to the folder of the maps "
         "(mmdet's COCO: stuffthingmaps/train2017/), or train without the semantic branch: "
-        "model.roi_head.semantic_head=None and model.roi_head.semantic_roi_extractor=None"
+        "--set model.roi_head.semantic_head=null --set model.roi_head.semantic_roi_extractor=null"
     )
 
 
@@ -115,3 +115,23 @@ def test_the_cuda_only_list_is_true_of_this_mmcv_build():
         with pytest.raises(UserError, match=f"mmcv's {unsupported.CUDA_ONLY[name]} has no CPU kernel"):
             with unsupported.explained(None):
                 module(*inputs)
+
+
+def test_a_ground_truth_met_only_at_the_first_batch_is_named():
+    """The model's forward reading a ground truth the pipeline did not give (mmdet's own AttributeError)."""
+    from pathlib import Path
+
+    import mmdet
+    from mmdet.structures import DetDataSample
+    from mmengine import Config
+
+    from det_mmdet import unsupported
+    from det_mmdet.errors import UserError
+
+    cfg = Config.fromfile(str(Path(mmdet.__file__).parent / ".mim" / "configs" / "htc" / "htc_r50_fpn_1x_coco.py"))
+    with pytest.raises(UserError, match=r"^model.roi_head.semantic_head trains on semantic segmentation maps"):
+        with unsupported.explained(cfg):
+            DetDataSample().gt_sem_seg  # noqa: B018  (the attribute read mmdet's semantic heads make)
+    with pytest.raises(UserError, match=r"^the model reads gt_panoptic_seg of each sample, which the training"):
+        with unsupported.explained(cfg):
+            DetDataSample().gt_panoptic_seg  # noqa: B018

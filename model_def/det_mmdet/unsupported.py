@@ -7,9 +7,9 @@ pipeline expects, as early as it can be known:
 - :func:`check_config`, before anything is built: packages a config's parts import when they are
   built (panopticapi for panoptic annotations and metrics, fairscale for ``num_cp`` activation
   checkpointing in DETR-like encoders, transformers for their language models alongside those).
-- :func:`check_built`, once the data sets and the model exist: mmcv ops this mmcv build runs on CUDA
-  only, on a machine without one; a semantic branch (HTC, SCNet) whose semantic maps the data set
-  does not give.
+- :func:`check_data`, once the data sets exist: a semantic branch (HTC, SCNet) whose semantic maps
+  the training set does not give; :func:`check_model`, once the model exists: mmcv ops this mmcv
+  build runs on CUDA only, on a machine without one.
 - :func:`explained`, around the model's forward: the same causes met at the first batch by a model
   that builds them in a way the checks above do not see.
 """
@@ -43,6 +43,10 @@ CUDA_ONLY = {
 }
 
 
+# The parts of a config the trial builds (the top-level pipelines and test_* are copies or unused).
+TRIAL_READS = ("model", "train_dataloader", "val_dataloader", "val_evaluator")
+
+
 def installed(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
@@ -66,7 +70,8 @@ def check_config(cfg) -> None:
     """Packages the config's parts need, named with the keys that need them, before any is built."""
     tree = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
     needs: dict[str, list[str]] = {}  # package -> why
-    for path, node in walk(tree):
+    read = {key: tree[key] for key in TRIAL_READS if tree.get(key)}  # not train_pipeline & co., which repeat them
+    for path, node in walk(read):
         kind = _kind(node)
         if kind in NEEDS_PANOPTICAPI and not installed("panopticapi"):
             needs.setdefault("panopticapi", []).append(f"{path} ({kind})")
@@ -87,14 +92,10 @@ def check_config(cfg) -> None:
     raise UserError(f"{model} needs the {' and '.join(packages)} {plural}: pip install {commands} ({why})")
 
 
-def check_built(cfg, train_set, model: torch.nn.Module, device: torch.device) -> None:
-    """What the built model needs of the device and of the training data."""
-    if device.type != "cuda":
-        check_cuda_only_ops(model)
-    check_semantic_maps(cfg, train_set)
-
-
-def check_cuda_only_ops(model: torch.nn.Module) -> None:
+def check_model(model: torch.nn.Module, device: torch.device) -> None:
+    """mmcv ops of the built model that this mmcv build runs on CUDA only, off CUDA."""
+    if device.type == "cuda":
+        return
     for name, module in model.named_modules():
         op = CUDA_ONLY.get(type(module).__name__)
         if op is not None and type(module).__module__.startswith("mmcv.ops"):
@@ -112,26 +113,33 @@ def _train_dataset_path(cfg) -> tuple[str, dict[str, Any]]:
     return path, node
 
 
-def check_semantic_maps(cfg, train_set) -> None:
-    """A semantic branch (HTC, SCNet) trains on semantic maps: the data set must give their paths."""
-    model_cfg = cfg.model.to_dict() if hasattr(cfg.model, "to_dict") else dict(cfg.model)
-    heads = [path for path, node in walk(model_cfg, "model") if node.get("semantic_head")]
-    if not heads or len(train_set) == 0 or train_set.get_data_info(0).get("seg_map_path") is not None:
+def check_data(cfg, train_set) -> None:
+    """A semantic branch (HTC, SCNet) trains on semantic maps: the training set must give their paths."""
+    if not _semantic_branches(cfg) or len(train_set) == 0:
         return
-    raise UserError(semantic_maps_message(cfg, f"{heads[0]}.semantic_head"))
+    if train_set.get_data_info(0).get("seg_map_path") is None:
+        raise UserError(semantic_maps_message(cfg))
 
 
-def semantic_maps_message(cfg, head: str = "the model's semantic_head") -> str:
+def _semantic_branches(cfg) -> list[str]:
+    """Where the model config has a semantic head (``model.roi_head`` for HTC and SCNet)."""
+    model_cfg = cfg.model.to_dict() if hasattr(cfg.model, "to_dict") else dict(cfg.model)
+    return [path for path, node in walk(model_cfg, "model") if node.get("semantic_head")]
+
+
+def semantic_maps_message(cfg) -> str:
+    branch = (_semantic_branches(cfg) or ["model.roi_head"])[0]
+    head = f"{branch}.semantic_head"
     path, node = _train_dataset_path(cfg)
     loads = any(
         _kind(step) == "LoadAnnotations" and step.get("with_seg") for _, step in walk(node.get("pipeline") or [])
     )
     pipeline = f"; {path}.pipeline loads them (LoadAnnotations with_seg=True)" if loads else ""
-    branch = head.rsplit(".", 1)[0]
     return (
         f"{head} trains on semantic segmentation maps, which {path} does not give (no {path}.data_prefix.seg)"
         f"{pipeline}: set {path}.data_prefix.seg to the folder of the maps (mmdet's COCO: stuffthingmaps/train2017/), "
-        f"or train without the semantic branch: {branch}.semantic_head=None and {branch}.semantic_roi_extractor=None"
+        f"or train without the semantic branch: --set {branch}.semantic_head=null "
+        f"--set {branch}.semantic_roi_extractor=null"
     )
 
 
