@@ -5,7 +5,8 @@ portrait) and a COCO annotation file for them (COCO's 80 classes, about 7 polygo
 some crowd), then builds the training dataset of each mmdet config below twice, from one config:
 as mmdet builds it, and with ``det_mmdet.fast_transforms.swap`` (what ``data.fast_transforms: true``
 does). One process, torch and OpenCV on one thread. The two are timed alternately, ``--repeats``
-times each over ``--samples`` samples (after a warm-up that fills the transforms' caches); the table
+times each over ``--samples`` samples, after a warm-up that fills the transforms' caches and whose
+samples, made from one seed, must be equal bit for bit (the "same samples" column); the table
 gives the median, the speed-up, and the exclusive milliseconds per transform (time inside a
 transform, less the time of transforms it calls, e.g. the decodes MixUp asks for).
 
@@ -157,46 +158,33 @@ class Clock:
         self.last = now
 
 
-class Timed:
-    """A transform whose calls are charged to its mmdet name on ``clock``."""
-
-    def __init__(self, transform, clock: Clock) -> None:
-        self.transform, self.clock = transform, clock
-        self.name = type(transform).__name__.removeprefix("Fast")
-
-    def __call__(self, results):
-        self.clock.enter(self.name)
+def timed(method, name: str, clock: Clock):
+    def call(*args, **kwargs):
+        clock.enter(name)
         try:
-            return self.transform(results)
+            return method(*args, **kwargs)
         finally:
-            self.clock.leave()
+            clock.leave()
 
-    def __getattr__(self, name):
-        if name == "get_indexes":  # MultiImageMixDataset asks every transform whether it mixes
-            raise AttributeError(name)
-        return getattr(self.transform, name)
-
-
-class TimedMix(Timed):
-    """A mixing transform: its choice of the other samples (MixUp decodes some) is charged to it too."""
-
-    def get_indexes(self, dataset):
-        self.clock.enter(self.name)
-        try:
-            return self.transform.get_indexes(dataset)
-        finally:
-            self.clock.leave()
+    return call
 
 
 def time_transforms(dataset, clock: Clock) -> None:
-    """Wrap every pipeline step of the dataset (and of a wrapped dataset) to time it."""
+    """Charge every pipeline step of the dataset (and of a wrapped dataset) to its mmdet name on ``clock``.
+
+    The step's bound ``transform`` (what ``__call__`` runs) and ``get_indexes`` (a mixing transform's
+    choice of the other samples: MixUp decodes some) are replaced on the instance, so that the
+    objects keep their classes (``fast_transforms`` recognises a loading pipeline by its classes).
+    """
     for node in (dataset, getattr(dataset, "dataset", None)):
         pipeline = getattr(node, "pipeline", None)
         if pipeline is None:
             continue
-        steps = pipeline.transforms if hasattr(pipeline, "transforms") else pipeline
-        for i, t in enumerate(steps):
-            steps[i] = (TimedMix if hasattr(t, "get_indexes") else Timed)(t, clock)
+        for t in pipeline.transforms if hasattr(pipeline, "transforms") else pipeline:
+            name = type(t).__name__.removeprefix("Fast")
+            t.transform = timed(t.transform, name, clock)
+            if hasattr(t, "get_indexes"):
+                t.get_indexes = timed(t.get_indexes, name, clock)
 
 
 def run(dataset, order: list[int], clock: Clock) -> float:
@@ -217,8 +205,13 @@ def measure(name: str, config: str, root: Path, args) -> dict:
     n = len(datasets["mmdet"])
     seconds: dict[str, list[float]] = {"mmdet": [], "ours": []}
     per_transform: dict[str, list[dict[str, float]]] = {"mmdet": [], "ours": []}
-    for way, dataset in datasets.items():  # warm-up: caches filled, files in the page cache
-        run(dataset, [rng.randrange(n) for _ in range(args.warmup)], clocks[way])
+    order = [rng.randrange(n) for _ in range(args.warmup)]
+    samples = {}
+    for way, dataset in datasets.items():  # warm-up (caches filled, files in the page cache), compared
+        random.seed(0)
+        np.random.seed(0)
+        samples[way] = [dataset[i] for i in order]
+    same = equal(samples["mmdet"], samples["ours"])
     for _ in range(args.repeats):
         order = [rng.randrange(n) for _ in range(args.samples)]
         for way, dataset in datasets.items():
@@ -227,7 +220,7 @@ def measure(name: str, config: str, root: Path, args) -> dict:
             np.random.seed(1)
             seconds[way].append(run(dataset, order, clocks[way]))
             per_transform[way].append({k: v / args.samples for k, v in clocks[way].ms.items()})
-    result = {"name": name, "config": config}
+    result = {"name": name, "config": config, "same": same}
     for way in datasets:
         s = statistics.median(seconds[way])
         result[way] = {
@@ -241,11 +234,36 @@ def measure(name: str, config: str, root: Path, args) -> dict:
     return result
 
 
+def equal(a, b) -> bool:
+    """Samples equal bit for bit: tensors, arrays, boxes, masks, data samples, plain values."""
+    from mmdet.structures.bbox import BaseBoxes
+    from mmdet.structures.mask import BitmapMasks, PolygonMasks
+    from mmengine.structures import BaseDataElement
+
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(equal(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(equal(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, torch.Tensor):
+        return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+    if isinstance(a, np.ndarray):
+        return a.dtype == b.dtype and np.array_equal(a, b)
+    if isinstance(a, BaseBoxes):
+        return equal(a.tensor, b.tensor)
+    if isinstance(a, (BitmapMasks, PolygonMasks)):
+        return (a.height, a.width) == (b.height, b.width) and equal(a.masks, b.masks)
+    if isinstance(a, BaseDataElement):
+        return equal(dict(a.all_items()), dict(b.all_items()))
+    return a == b
+
+
 def table(results: list[dict], top: int) -> str:
     lines = [
         "| pipeline (mmdet config) | mmdet ms / sample | ours ms / sample | mmdet images/s | ours images/s "
-        "| speed-up | largest transforms, ms (mmdet -> ours) |",
-        "|---|---|---|---|---|---|---|",
+        "| speed-up | same samples | largest transforms, ms (mmdet -> ours) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         mm, ours = r["mmdet"]["transforms"], r["ours"]["transforms"]
@@ -253,7 +271,8 @@ def table(results: list[dict], top: int) -> str:
         where = ", ".join(f"{k} {mm[k]:.1f} -> {ours.get(k, 0.0):.1f}" for k in biggest)
         lines.append(
             f"| {r['name']} (`{Path(r['config']).name}`) | {r['mmdet']['ms']:.1f} | {r['ours']['ms']:.1f} | "
-            f"{r['mmdet']['rate']:.0f} | {r['ours']['rate']:.0f} | {r['speedup']:.2f}x | {where} |"
+            f"{r['mmdet']['rate']:.0f} | {r['ours']['rate']:.0f} | {r['speedup']:.2f}x | "
+            f"{'yes' if r['same'] else 'NO'} | {where} |"
         )
     return "\n".join(lines)
 

@@ -9,14 +9,15 @@ from conftest import ROOT
 
 
 def test_pipeline_bench_times_both_implementations():
-    cmd = [sys.executable, "bench/pipeline.py", "--images", "6", "--samples", "2", "--repeats", "1", "--warmup", "2"]
+    cmd = [sys.executable, "bench/pipeline.py", "--images", "6", "--samples", "2", "--repeats", "1", "--warmup", "6"]
     cmd += ["--configs", "rtmdet_tiny,yolox_tiny,mask_rcnn"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [line.split("|")[1:-1] for line in proc.stdout.splitlines() if line.startswith("| ") and "`" in line]
     assert [r[0].split("(")[0].strip() for r in rows] == ["RTMDet-tiny", "YOLOX-tiny", "Mask R-CNN"]
-    for name, mm_ms, ours_ms, mm_rate, ours_rate, speedup, where in rows:
+    for name, mm_ms, ours_ms, mm_rate, ours_rate, speedup, same, where in rows:
         assert min(float(mm_ms), float(ours_ms), float(mm_rate), float(ours_rate)) > 0 and speedup.strip()[-1] == "x"
+        assert same.strip() == "yes", name  # the warm-up samples of both, from one seed, compared
         assert len(where.split(",")) == 5 and where.count("->") == 5, name  # the five largest transforms
     assert "CachedMixUp" in rows[0][-1] and "Mosaic" in rows[1][-1]  # the mixing transforms are timed too
 
