@@ -139,34 +139,33 @@ class MixUpPixels:
     def _eligible(self, *images: Any) -> bool:
         return uint8_pad(self.pad_val) is not None and all(is_color_uint8(img) for img in images)
 
-    def _mix(self, results: dict, retrieve: dict, boxes: BaseBoxes, with_mask: bool) -> dict:
-        """Mix ``retrieve`` (its boxes given as ``boxes``, changed in place) into ``results``."""
-        jit_factor = np.random.uniform(*self.ratio_range)
-        is_flip = np.random.uniform(0, 1) > self.flip_ratio
+    def _jittered_canvas(self, retrieve_img: np.ndarray, jit_factor: float) -> tuple[np.ndarray, float]:
+        """mmdet's steps 1-3: the image to mix in, resized into a padded canvas, the canvas resized by
+        ``jit_factor``; with the scale from the image to the result."""
         pad = uint8_pad(self.pad_val)
         width, height = self.dynamic_scale
-        retrieve_img = retrieve["img"]
         scale_ratio = min(height / retrieve_img.shape[0], width / retrieve_img.shape[1])
-        small = resized(
-            retrieve_img, (int(retrieve_img.shape[1] * scale_ratio), int(retrieve_img.shape[0] * scale_ratio))
-        )
+        size = (int(retrieve_img.shape[1] * scale_ratio), int(retrieve_img.shape[0] * scale_ratio))
+        small = resized(retrieve_img, size)
         if small.shape[:2] == (height, width):
             canvas = small  # only read from here on
         else:
             canvas = filled((height, width, 3), pad)
             canvas[: small.shape[0], : small.shape[1]] = small
-
-        scale_ratio *= jit_factor
         jittered_size = (int(width * jit_factor), int(height * jit_factor))
         if jittered_size != (width, height):
             # mmdet resizes its canvas in the canvas's own dtype (float64 or int64), values then truncated
-            # to uint8; the same call on the same values here.
+            # to uint8 where they are pasted; the same call on the same values here.
             canvas_dtype = (np.ones(1, dtype=retrieve_img.dtype) * self.pad_val).dtype
             canvas = mmcv.imresize(canvas.astype(canvas_dtype), jittered_size)
+        return canvas, scale_ratio * jit_factor
 
-        ori_img = results["img"]
+    def _window(self, canvas: np.ndarray, target: tuple[int, int], is_flip: bool) -> tuple[np.ndarray, int, int]:
+        """mmdet's steps 4-5: the (mirrored) canvas padded to at least ``target`` and a random crop of
+        that size, as uint8, with its offsets; only the crop is built."""
+        pad = uint8_pad(self.pad_val)
         origin_h, origin_w = canvas.shape[:2]
-        target_h, target_w = ori_img.shape[:2]
+        target_h, target_w = target
         padded_h, padded_w = max(origin_h, target_h), max(origin_w, target_w)
         x_offset, y_offset = 0, 0
         if padded_h > target_h:
@@ -181,10 +180,20 @@ class MixUpPixels:
         else:
             inside = canvas[y_offset : y_offset + rows, x_offset : x_offset + cols].astype(np.uint8, copy=False)
         if (rows, cols) == (target_h, target_w):
-            window = inside
-        else:
-            window = filled((target_h, target_w, 3), pad)
-            window[:rows, :cols] = inside
+            return inside, x_offset, y_offset
+        window = filled((target_h, target_w, 3), pad)
+        window[:rows, :cols] = inside
+        return window, x_offset, y_offset
+
+    def _mix(self, results: dict, retrieve: dict, boxes: BaseBoxes, with_mask: bool) -> dict:
+        """Mix ``retrieve`` (its boxes given as ``boxes``, changed in place) into ``results``."""
+        jit_factor = np.random.uniform(*self.ratio_range)
+        is_flip = np.random.uniform(0, 1) > self.flip_ratio
+        canvas, scale_ratio = self._jittered_canvas(retrieve["img"], jit_factor)
+        ori_img = results["img"]
+        origin_h, origin_w = canvas.shape[:2]
+        target_h, target_w = ori_img.shape[:2]
+        window, x_offset, y_offset = self._window(canvas, (target_h, target_w), is_flip)
 
         boxes.rescale_([scale_ratio, scale_ratio])
         if with_mask:
