@@ -73,17 +73,24 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--output-dir", type=Path, default=Path("runs/demo"))
     demo.add_argument("--data-dir", type=Path, default=Path("data/shapes"))
     demo.add_argument("--max-batches", type=int)
+    demo.add_argument("--verbose", action="store_true", help="also the libraries' own output (mmengine, mmdet)")
     demo.set_defaults(func=cmd_demo)
 
     export = sub.add_parser("export", help="model.pth + config.py from a checkpoint or run directory")
-    export.add_argument("checkpoint", type=Path, help="a checkpoint directory, or a run's --output-dir")
-    export.add_argument("--out", type=Path, required=True)
+    export.add_argument(
+        "checkpoint", type=Path, help="a checkpoint directory, a run's --output-dir, or a Runner checkpoint / work_dir"
+    )
+    export.add_argument("--out", type=Path, help="the model directory to write")
+    export.add_argument(
+        "--mmengine", type=Path, metavar="OUT.pth", help="write a checkpoint mmengine's Runner resumes from instead"
+    )
     export.set_defaults(func=cmd_export)
     predict = sub.add_parser("predict", help="draw predictions and write COCO results.json")
     predict.add_argument("model", type=Path, help="a model directory (det-mmdet export) or checkpoint")
     predict.add_argument("inputs", nargs="+", help="images, folders, s3:// or gs:// URIs")
     predict.add_argument("--out", type=Path, required=True)
     predict.add_argument("--score-thr", type=float, default=0.3)
+    predict.add_argument("--verbose", action="store_true", help="also the libraries' own output (mmengine, mmdet)")
     predict.set_defaults(func=cmd_predict)
     evaluate = sub.add_parser("evaluate", help="COCO AP/AR of a model, or of a results file, on a labelled set")
     evaluate.add_argument("model", type=Path, nargs="?", help="a model directory (det-mmdet export) or checkpoint")
@@ -94,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument(
         "--coco-backend", choices=("hotcoco", "faster-coco-eval", "pycocotools"), help="COCOeval to use (hotcoco)"
     )
+    evaluate.add_argument("--verbose", action="store_true", help="also the libraries' own output (mmengine, mmdet)")
     evaluate.set_defaults(func=cmd_evaluate)
     check = sub.add_parser("check", help="what can be known before det experiment create: configs, models, paths")
     check.add_argument("experiment", help="Determined experiment YAML")
@@ -118,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
+        if getattr(args, "verbose", False):
+            os.environ["DET_MMDET_VERBOSE"] = "1"  # logs.VERBOSE_ENV: library output too, here and in workers
         return int(args.func(args) or 0)
     except UserError as e:
         print(f"error: {one_line(e)}", file=sys.stderr)
@@ -274,11 +284,12 @@ def train_local(
 
     distributed = None
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        import torch
-        import torch.distributed as dist
+        from det_mmdet.environment import init_process_group
 
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        started = init_process_group((cfg.get("env_cfg") or {}).get("dist_cfg"))
         distributed = core.DistributedContext.from_torch_distributed()
+        if is_chief():
+            logger.info("env_cfg: %s", started)
 
     output_dir.mkdir(parents=True, exist_ok=True)
     if is_chief():
@@ -344,9 +355,14 @@ def launch_workers(args: argparse.Namespace, output_dir: Path) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     setup_logging()
-    from det_mmdet.export import export
+    from det_mmdet.export import export, export_mmengine
 
-    export(args.checkpoint, args.out)
+    if (args.out is None) == (args.mmengine is None):
+        raise UserError("export: give --out DIR (a model directory) or --mmengine OUT.pth (a Runner checkpoint)")
+    if args.mmengine is not None:
+        export_mmengine(args.checkpoint, args.mmengine)
+    else:
+        export(args.checkpoint, args.out)
     return 0
 
 

@@ -33,7 +33,11 @@ TOP: dict[str, tuple[str, str]] = {
     "default_hooks": (HONOURED, "see default_hooks keys"),
     "custom_hooks": (HONOURED, "run at the Runner's hook points (EMA, pipeline switches, ...)"),
     "load_from": (HONOURED, "weights loaded by det-mmdet (file, http(s), s3, gs)"),
-    "resume": (REFUSED, "continue with `det-mmdet train --resume` or Determined's own restarts"),
+    "resume": (
+        HONOURED,
+        "with load_from: continues that Runner checkpoint (iteration, optimizer, schedulers, hooks, MessageHub); "
+        "without: refused (a det-mmdet run continues with `det-mmdet train --resume`, a trial by Determined)",
+    ),
     "launcher": (REPLACED, "Determined's launcher (determined.launch.torch_distributed)"),
     "env_cfg": (HONOURED, "see env_cfg keys"),
     "log_processor": (REPLACED, "Determined's metric reports, averaged over --report-period batches"),
@@ -43,7 +47,7 @@ TOP: dict[str, tuple[str, str]] = {
     "randomness": (HONOURED, "see randomness keys"),
     "experiment_name": (HONOURED, "the MessageHub's name the hooks read"),
     "work_dir": (REPLACED, "Determined's checkpoint storage on a cluster, --output-dir locally"),
-    "compile": (REFUSED, "torch.compile is not applied by det-mmdet"),
+    "compile": (HONOURED, "torch.compile (True or its options) on each batch's forward and losses, as train_step"),
     "cfg": (HONOURED, "the config itself, saved as config.py in every checkpoint"),
     "find_unused_parameters": (HONOURED, "passed to Determined's DistributedDataParallel"),
     "model_wrapper_cfg": (
@@ -84,7 +88,7 @@ SECTIONS: dict[str, dict[str, tuple[str, str]]] = {
     "env_cfg": {
         "cudnn_benchmark": (HONOURED, "torch.backends.cudnn.benchmark"),
         "mp_cfg": (HONOURED, "start method of the loader workers, OpenCV threads in the trial and every worker"),
-        "dist_cfg": (REPLACED, "Determined starts the process group (nccl on GPUs, gloo on CPUs)"),
+        "dist_cfg": (HONOURED, "backend (nccl on GPUs; gloo, and said so, without) and timeout; other keys refused"),
         "resource_limit": (HONOURED, "open-file limit (RLIMIT_NOFILE), at least 4096 as under the Runner"),
     },
     "randomness": {
@@ -105,8 +109,8 @@ SECTIONS: dict[str, dict[str, tuple[str, str]]] = {
         "type": (HONOURED, "DetLocalVisualizer for the validation pictures"),
         "name": (HONOURED, "-"),
         "vis_backends": (
-            REFUSED,
-            "Determined's metrics and TensorBoard only; LocalVisBackend and TensorboardVisBackend pass",
+            HONOURED,
+            "the chief's training and validation scalars and the config, to each backend (vis_data/ in the run)",
         ),
         "save_dir": (REPLACED, "pictures go to --output-dir/vis locally, the trial's TensorBoard on a cluster"),
         "image": (HONOURED, "-"),
@@ -121,7 +125,6 @@ SECTIONS: dict[str, dict[str, tuple[str, str]]] = {
 
 # What the Runner does with a key left at these values: nothing to refuse or to replace.
 RUNNER_DEFAULTS: dict[str, Any] = {"resume": False, "compile": False, "launcher": "none"}
-PASSING_BACKENDS = ("LocalVisBackend", "TensorboardVisBackend")
 
 
 def _value(cfg, key: str) -> Any:
@@ -144,20 +147,14 @@ def check(cfg) -> list[str]:
     for name, status, why, value, default in _entries(cfg):
         if value is None or value == default:
             continue
-        if status == REFUSED and name == "visualizer.vis_backends":
-            _check_backends(value)
-        elif status == REFUSED:
+        if name == "resume" and not _value(cfg, "load_from"):
+            raise UserError(
+                "resume=True without load_from: the Runner would look for the newest checkpoint in work_dir; "
+                "continue a det-mmdet run with `det-mmdet train --resume --output-dir DIR`, or set load_from to "
+                "the Runner checkpoint to continue"
+            )
+        if status == REFUSED:
             raise UserError(f"{name}={value!r} is not supported by det-mmdet: {why}")
         elif status == REPLACED and not name.startswith("log_processor."):  # named once, at the top level
             replaced.append(f"{name} ({why})")
     return [f"replaced by Determined: {', '.join(replaced)}"] if replaced else []
-
-
-def _check_backends(backends: Any) -> None:
-    for backend in backends or []:
-        kind = str(backend.get("type", "") if isinstance(backend, dict) else type(backend).__name__).split(".")[-1]
-        if kind not in PASSING_BACKENDS:
-            raise UserError(
-                f"visualizer.vis_backends: {kind} is not supported by det-mmdet: metrics go to Determined "
-                f"(web UI, TensorBoard); remove it (passing: {', '.join(PASSING_BACKENDS)})"
-            )

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import logging
 import pickle
 import random
@@ -37,9 +38,11 @@ from det_mmdet import (
     fast_transforms,
     hooks,
     logs,
+    mmengine_checkpoints,
     pictures,
     runner_keys,
     searcher,
+    unsupported,
     weights,
 )
 from det_mmdet.errors import UserError
@@ -172,6 +175,7 @@ class MMDetTrial(pytorch.PyTorchTrial):
         self.output_dir = output_dir  # a local run's directory (pictures, TensorBoard); None on a cluster
         check_supported(cfg)
         self.startup_notes = runner_keys.check(cfg)  # refuses in one line what the trial cannot honour
+        unsupported.check_config(cfg)  # packages the config's parts import (panopticapi, fairscale)
         logs.ignore_harmless_warnings()
         checkpoint.allow_numpy_rng_state()
         init_default_scope(cfg.get("default_scope", "mmdet"))
@@ -196,6 +200,8 @@ class MMDetTrial(pytorch.PyTorchTrial):
             randomness.get("seed"), context.get_trial_seed() if on_cluster else None
         )
         self.loaded_from: str | None = None
+        self.runner_checkpoint: dict[str, Any] | None = None  # resume=True: the Runner's checkpoint to continue
+        self.continues_at = 0  # the batch that checkpoint was written after (Runner.resume's iter)
         # diff_rank_seed: each process's own random state, as the Runner's; the data order stays shared.
         self._diff_rank_seed = bool(randomness.get("diff_rank_seed"))
         own_seed = self.seed + self.rank if self._diff_rank_seed else self.seed
@@ -207,16 +213,18 @@ class MMDetTrial(pytorch.PyTorchTrial):
         self.train_set = data.build_dataset(cfg.train_dataloader.dataset, "train_dataloader.dataset", data_section)
         self.val_set = data.build_dataset(cfg.val_dataloader.dataset, "val_dataloader.dataset", data_section)
         self.classes = list(self.train_set.metainfo.get("classes", ()))
+        unsupported.check_data(cfg, self.train_set)  # semantic maps a semantic branch trains on
 
         built_hooks = hooks.build_hooks(cfg)  # before the model: a hook the trial cannot run stops here
         fast_transforms.swap_hooks(built_hooks, data_section.get("fast_transforms", True))  # PipelineSwitchHook
         model = revert_sync_batchnorm(self._build_model(cfg), slots, context.device)
+        unsupported.check_model(model, context.device)  # mmcv ops this build has for CUDA only
         if cfg.get("find_unused_parameters"):
             find_unused_parameters_in_ddp(context)
         self.model = context.wrap_model(model)
         self.optimizer, self.clip_grad, self.autocast, scaler, optim_wrapper = self._build_optimizer(cfg, model)
         self.scaler = context.wrap_scaler(scaler) if scaler is not None else None
-        epoch_len = self._epoch_length(slots)
+        epoch_len = self.epoch_len = self._epoch_length(slots)
         self.iter_schedulers, self.epoch_schedulers = self._build_schedulers(cfg, epoch_len)
 
         self.reducer = context.wrap_reducer(
@@ -226,6 +234,7 @@ class MMDetTrial(pytorch.PyTorchTrial):
             for_training=False,
         )
         self.hooks = self._start_hooks(built_hooks, optim_wrapper, epoch_len, plan)
+        self.losses = self._compiled(self._losses, cfg.get("compile"))
         if self.rank == 0:
             for line in self._summary(model, slots, epoch_len, plan):
                 logger.info(line)
@@ -239,7 +248,12 @@ class MMDetTrial(pytorch.PyTorchTrial):
             cfg.model.setdefault("data_preprocessor", cfg.data_preprocessor)
         model = build_detector(cfg.model)
         source = str(cfg.load_from) if cfg.get("load_from") else None
-        state = weights.read_state_dict(weights.local_copy(source), source) if source else None
+        if source is not None and cfg.get("resume"):  # the Runner's state too, taken once the hooks exist
+            self.runner_checkpoint = mmengine_checkpoints.load(weights.local_copy(source), f"load_from: {source}")
+            mmengine_checkpoints.check_resumable(self.runner_checkpoint, f"load_from: {source}")
+            state = self.runner_checkpoint["state_dict"]
+        else:
+            state = weights.read_state_dict(weights.local_copy(source), source) if source else None
         weights.resolve_pretrained_inits(model, state)  # ImageNet backbones from the cache / mirror
         try:
             with logs.quiet_mmengine():
@@ -247,9 +261,9 @@ class MMDetTrial(pytorch.PyTorchTrial):
         except pickle.UnpicklingError as e:  # torch's weights-only loader refused an init_cfg checkpoint
             first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
             raise UserError(f"model init_cfg: a Pretrained checkpoint is not weights-only ({first})") from None
-        if source is not None:
+        if source is not None and self.runner_checkpoint is None:
             weights.load_into(model, source, state)
-            self.loaded_from = source
+        self.loaded_from = source
         return model
 
     def _build_optimizer(self, cfg, model):
@@ -307,12 +321,14 @@ class MMDetTrial(pytorch.PyTorchTrial):
         specs = cfg.get("param_scheduler") or []
         specs = [specs] if isinstance(specs, dict) else specs
         per_iter, per_epoch = [], []
+        self.schedulers = []  # config order: how a Runner checkpoint lists their states
         for spec in specs:
             spec = copy.deepcopy(dict(spec))
             default_args = {"optimizer": self.optimizer, "epoch_length": epoch_len}
             scheduler = PARAM_SCHEDULERS.build(spec, default_args=default_args)
             self.context.wrap_lr_scheduler(scheduler, pytorch.LRScheduler.StepMode.MANUAL_STEP)
             (per_epoch if scheduler.by_epoch else per_iter).append(scheduler)
+            self.schedulers.append(scheduler)
         return per_iter, per_epoch
 
     def _start_hooks(self, built: list, optim_wrapper, epoch_len: int, plan) -> hooks.HookSet:
@@ -342,10 +358,71 @@ class MMDetTrial(pytorch.PyTorchTrial):
         if workers == 0:
             hook_set.loader_side = switches
         hook_set.call("before_run")
-        if self.loaded_from:
+        if self.runner_checkpoint is not None:
+            self._continue_runner_checkpoint(hook_set, self.runner_checkpoint)
+        elif self.loaded_from:
             state = {k: v.detach().clone() for k, v in checkpoint.unwrap(self.model).state_dict().items()}
             hook_set.load_checkpoint({"meta": {}, "state_dict": state}, self.model, resume=False)
         return hook_set
+
+    def _compiled(self, step, options: Any):
+        """``compile`` as the Runner applies it: ``torch.compile`` (True, or a dict of its options) on the step
+        the Runner compiles (``train_step``), here the part before Determined's backward and optimizer step."""
+        if options is None or options is False:
+            return step
+        if options is True:
+            options = {}
+        if not isinstance(options, dict):
+            raise UserError(f"compile={options!r}: True, False or a dict of torch.compile options")
+        known = set(inspect.signature(torch.compile).parameters) - {"model"}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise UserError(f"compile: {', '.join(unknown)} not options of torch.compile ({', '.join(sorted(known))})")
+        shown = ", ".join(f"{k}={v!r}" for k, v in options.items()) or "torch's defaults"
+        self.startup_notes.append(f"compile: torch.compile on each batch's forward and losses ({shown})")
+        return torch.compile(step, **dict(options))
+
+    def _continue_runner_checkpoint(self, hook_set: hooks.HookSet, saved: dict[str, Any]) -> None:
+        """``resume=True`` with ``load_from``: the state ``Runner.resume`` restores, in its order.
+
+        Iteration and epoch, the seed the checkpoint was trained with, the MessageHub, the weights through
+        the hooks' ``after_load_checkpoint`` (EMAHook swaps its averaged weights back), the optimizer (and
+        AmpOptimWrapper's loss scale), the schedulers. Determined then starts its batch count at ``iter``.
+        """
+        meta = saved["meta"]
+        runner = hook_set.runner
+        runner.iter, runner.epoch = int(meta["iter"]), int(meta["epoch"])
+        if meta.get("seed") is not None and int(meta["seed"]) != self.seed:
+            # The Runner re-seeds with the checkpoint's seed; here the sampler's order follows it too.
+            self.seed, self.seed_source = int(meta["seed"]), "the resumed checkpoint's seed, as Runner.resume takes it"
+            seed_everything(self.seed + self.rank if self._diff_rank_seed else self.seed)
+        runner.seed = self.seed
+        runner.message_hub.load_state_dict(saved["message_hub"])
+        checkpoint_copy = {k: v for k, v in saved.items() if k not in ("optimizer", "param_schedulers", "message_hub")}
+        checkpoint_copy["state_dict"] = {k.removeprefix("module."): v for k, v in saved["state_dict"].items()}
+        try:
+            hook_set.load_checkpoint(checkpoint_copy, self.model, resume=True)
+        except RuntimeError as e:  # load_state_dict: other architecture
+            first = str(e).strip().splitlines()[0][:200]
+            raise UserError(f"load_from: {self.loaded_from}: resume=True needs the same model ({first})") from None
+        optimizer_state = dict(saved["optimizer"])
+        loss_scale = optimizer_state.pop("loss_scaler", None)
+        self.optimizer.load_state_dict(optimizer_state)
+        if loss_scale is not None and self.scaler is not None:
+            self.scaler.load_state_dict(loss_scale)
+        states = saved.get("param_schedulers") or []
+        if len(states) != len(self.schedulers):
+            raise UserError(
+                f"load_from: {self.loaded_from} has {len(states)} param_scheduler states, the config "
+                f"{len(self.schedulers)}: resume=True needs the same param_scheduler"
+            )
+        for scheduler, state in zip(self.schedulers, states, strict=True):
+            scheduler.load_state_dict(state)
+        self.continues_at = runner.iter
+        self.startup_notes.append(
+            f"resume=True: continues mmengine's Runner checkpoint {self.loaded_from} at iteration {runner.iter} "
+            f"(epoch {runner.epoch}): optimizer, schedulers, hooks' state and MessageHub restored"
+        )
 
     def _build_evaluator(self, cfg):
         from mmengine.evaluator import Evaluator
@@ -443,10 +520,7 @@ class MMDetTrial(pytorch.PyTorchTrial):
         total = len(batch["inputs"])
         outputs: dict[str, torch.Tensor] = {}
         for part in split_batch(batch, self.splits):
-            with self.autocast:
-                inputs = self.model.data_preprocessor(part, training=True)
-                losses = self._forward_loss(inputs)
-            loss, terms = self.model.parse_losses(losses)
+            loss, terms = self.losses(part)
             if not self._all_finite(loss):
                 detail = ", ".join(
                     f"{k}={float(v.detach() if torch.is_tensor(v) else v):.4g}" for k, v in terms.items() if k != "loss"
@@ -460,9 +534,17 @@ class MMDetTrial(pytorch.PyTorchTrial):
         self.context.step_optimizer(self.optimizer, clip_grads=self._clip, scaler=self.scaler)
         return outputs
 
+    def _losses(self, part: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """What the Runner's ``train_step`` computes before the optimizer's update: preprocess, forward, losses."""
+        with self.autocast:
+            inputs = self.model.data_preprocessor(part, training=True)
+            losses = self._forward_loss(inputs)
+        return self.model.parse_losses(losses)
+
     def _forward_loss(self, inputs: dict[str, Any]) -> dict[str, Any]:
         try:
-            return self.model(**inputs, mode="loss")
+            with unsupported.explained(self.cfg):
+                return self.model(**inputs, mode="loss")
         except RuntimeError as e:
             # DDP reports last step's parameters without a gradient at this step's forward.
             if "Expected to have finished reduction" not in str(e):
@@ -493,7 +575,8 @@ class MMDetTrial(pytorch.PyTorchTrial):
         self.hooks.call("before_val_iter", batch_idx=batch_idx, data_batch=batch)
         with torch.no_grad(), self.autocast:
             inputs = self.model.data_preprocessor(batch, training=False)
-            outputs = self.model(**inputs, mode="predict")
+            with unsupported.explained(self.cfg):
+                outputs = self.model(**inputs, mode="predict")
         self.reducer.update(batch, outputs)
         self.hooks.call("after_val_iter", batch_idx=batch_idx, data_batch=batch, outputs=outputs)
         return {}
@@ -525,6 +608,9 @@ class MMDetTrial(pytorch.PyTorchTrial):
             metric = knobs.metric_name(hparams) if hparams.get("metric_for_best_model") else "bbox_mAP"
             patience = int(hparams.get("early_stopping_patience", 3))
             callbacks["early_stopping"] = EarlyStopping(self.context, metric, patience)
+        from det_mmdet import vis_backends
+
+        callbacks.update(vis_backends.callbacks(self))  # visualizer.vis_backends: the chief's scalars, too
         return callbacks
 
 
@@ -613,6 +699,8 @@ def check_predictable(model: torch.nn.Module) -> None:
 def build_detector(model_cfg: Any) -> torch.nn.Module:
     """mmdet's model from its config, with one-line errors; weights are the caller's business."""
     from mmdet.registry import MODELS
+
+    unsupported.check_config({"model": model_cfg})  # packages its parts import, named before they fail
 
     try:
         model = MODELS.build(model_cfg)
