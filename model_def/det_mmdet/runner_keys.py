@@ -19,7 +19,10 @@ HONOURED, REPLACED, REFUSED = "honoured", "replaced", "refused"
 TOP: dict[str, tuple[str, str]] = {
     "model": (HONOURED, "built by mmdet's registry"),
     "data_preprocessor": (HONOURED, "as the model's data_preprocessor when the model names none, as the Runner does"),
-    "train_dataloader": (HONOURED, "dataset, sampler, batch_sampler, workers; batch size from global_batch_size"),
+    "train_dataloader": (
+        HONOURED,
+        "dataset, sampler, batch_sampler, the DataLoader keys the Runner passes; batch size: global_batch_size",
+    ),
     "val_dataloader": (HONOURED, "validation data"),
     "test_dataloader": (HONOURED, "`det-mmdet evaluate` / `predict`"),
     "train_cfg": (HONOURED, "see train_cfg keys"),
