@@ -13,16 +13,15 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 
 import determined as det
-from determined import core, pytorch
+from determined import pytorch
 
 from det_mmdet.cli import add_schedule_args, setup_logging
 from det_mmdet.cli import main as local_main
 from det_mmdet.config import build_config, experiment_for_trial, parse_set
-from det_mmdet.environment import init_process_group
+from det_mmdet.environment import cluster_process_group
 from det_mmdet.errors import UserError, one_line
 from det_mmdet.knobs import with_global_batch_size
 from det_mmdet.runner import aggregation_frequency, fit, schedule
@@ -51,15 +50,10 @@ def train_on_cluster(info: det.ClusterInfo, args: argparse.Namespace) -> None:
     accumulate = aggregation_frequency(cfg)
     slots = int((exp_conf.get("resources") or {}).get("slots_per_trial") or 1)
     hparams = with_global_batch_size(info.trial.hparams, slots)
-    distributed = None
-    if os.environ.get("USE_TORCH_DISTRIBUTED"):  # determined.launch.torch_distributed: the group as dist_cfg says
-        started = init_process_group((cfg.get("env_cfg") or {}).get("dist_cfg"))
-        distributed = core.DistributedContext.from_torch_distributed()
-        if distributed.get_rank() == 0:
-            logging.getLogger("det_mmdet").info("env_cfg: %s", started)
-    with pytorch.init(
-        hparams=hparams, exp_conf=exp_conf, distributed=distributed, aggregation_frequency=accumulate
-    ) as context:
+    group = cluster_process_group((cfg.get("env_cfg") or {}).get("dist_cfg"))  # Determined starts it
+    with pytorch.init(hparams=hparams, exp_conf=exp_conf, aggregation_frequency=accumulate) as context:
+        if context.distributed.get_size() > 1 and context.distributed.get_rank() == 0:
+            logging.getLogger("det_mmdet").info("env_cfg: %s", group)
         trial = MMDetTrial(context, cfg, plan)
         fit(trial, context, plan, latest_checkpoint=info.latest_checkpoint)
 

@@ -173,3 +173,14 @@ def test_mp_cfg_reaches_every_loader_worker(method):
     torch_loader = loader.get_data_loader(repeat=False, skip=0, num_replicas=1, rank=0)
     assert torch_loader.multiprocessing_context.get_start_method() == method
     assert [x for batch in torch_loader for x in batch] == [1, 1, 1, 1]
+
+
+def test_on_a_cluster_the_process_group_is_determineds():
+    """Determined 0.38.1's pytorch.init starts the group itself: dist_cfg may only agree with it there."""
+    from det_mmdet import environment
+    from det_mmdet.errors import UserError
+
+    line = environment.cluster_process_group({"backend": "nccl"})  # mmdet's default_runtime, on a CPU machine
+    assert line == "process group: gloo, started by Determined (dist_cfg.backend nccl needs GPUs: none here)"
+    with pytest.raises(UserError, match=r"^env_cfg.dist_cfg.timeout: on a Determined cluster pytorch.init starts"):
+        environment.cluster_process_group({"backend": "nccl", "timeout": 60})

@@ -4,8 +4,10 @@
 loader worker (so it holds whatever the start method), the workers' start method given to each
 DataLoader rather than set process-wide, and ``OMP_NUM_THREADS`` / ``MKL_NUM_THREADS`` = 1 for
 several processes when unset, as the Runner does; ``resource_limit`` for open files. ``dist_cfg``:
-the process group's backend and timeout, started here (Determined takes a process group the trial
-started, ``pytorch.init(distributed=...)``), as the Runner's ``init_dist`` starts it.
+the process group's backend and timeout, as the Runner's ``init_dist`` takes them, for the processes
+``det-mmdet train --slots N`` starts. On a cluster Determined 0.38.1's ``pytorch.init`` starts the group
+itself (nccl with GPUs, gloo without, torch's default timeout) whatever the trial passes: there a
+``dist_cfg`` that asks for anything else stops at start-up.
 """
 
 from __future__ import annotations
@@ -92,6 +94,20 @@ def init_process_group(dist_cfg: dict[str, Any] | None) -> str:
     dist.init_process_group(backend, **kwargs)
     shown = f", timeout {kwargs['timeout'].total_seconds():g} s" if kwargs else ""
     return f"process group: {backend}{shown}{note}"
+
+
+def cluster_process_group(dist_cfg: dict[str, Any] | None) -> str:
+    """The start-up line for a cluster trial's process group, which Determined starts; or one ``error:`` line."""
+    backend, kwargs, note = dist_settings(dist_cfg)
+    started = "nccl" if torch.cuda.is_available() else "gloo"
+    if kwargs:
+        raise UserError(
+            "env_cfg.dist_cfg.timeout: on a Determined cluster pytorch.init starts the process group with torch's "
+            "default timeout and takes none from the trial; remove it (it applies to `det-mmdet train --slots N`)"
+        )
+    if backend != started:
+        raise UserError(f"env_cfg.dist_cfg.backend {backend!r}: on a Determined cluster pytorch.init starts {started}")
+    return f"process group: {started}, started by Determined{note}"
 
 
 def dist_settings(dist_cfg: dict[str, Any] | None) -> tuple[str, dict[str, Any], str]:

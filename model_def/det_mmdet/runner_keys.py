@@ -91,7 +91,10 @@ SECTIONS: dict[str, dict[str, tuple[str, str]]] = {
     "env_cfg": {
         "cudnn_benchmark": (HONOURED, "torch.backends.cudnn.benchmark"),
         "mp_cfg": (HONOURED, "start method of the loader workers, OpenCV threads in the trial and every worker"),
-        "dist_cfg": (HONOURED, "backend (nccl on GPUs; gloo, and said so, without) and timeout; other keys refused"),
+        "dist_cfg": (
+            HONOURED,
+            "backend and timeout for `train --slots N`; a cluster's group is Determined's: other values refused there",
+        ),
         "resource_limit": (HONOURED, "open-file limit (RLIMIT_NOFILE), at least 4096 as under the Runner"),
     },
     "randomness": {
