@@ -65,7 +65,8 @@ def test_rtmdet_keeps_its_hooks_lines_and_drops_the_known_noise(tmp_path, shapes
 
 def test_verbose_brings_the_library_output_back(tmp_path, shapes):
     out = run(tmp_path, shapes, "--max-batches", 2, "--verbose")
-    assert "loading annotations into memory" in out and "Evaluate annotation type *bbox*" in out
+    # pycocotools' own lines as mmdet's CocoMetric reads the annotation file (hotcoco scores without a word)
+    assert "loading annotations into memory" in out and "index created!" in out
 
 
 def test_a_cluster_log_gets_one_plain_line_per_report_and_validation():
