@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import importlib.util
 import io
 import json
 from typing import Any
@@ -16,15 +15,9 @@ import pytest
 
 from conftest import ROOT
 from det_mmdet import coco
+from test_coco import bench_eval
 
 CLASSES = tuple(f"class {c}" for c in range(12))
-
-
-def bench_eval():
-    spec = importlib.util.spec_from_file_location("bench_eval", ROOT / "bench" / "eval.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
