@@ -664,7 +664,7 @@ FAST: dict[type, type] = {
 }
 FAST_DATASETS: dict[type, type] = {MultiImageMixDataset: FastMultiImageMixDataset}
 # Transforms that always return their results (never None, so never retried by the wrapper).
-NEVER_NONE = frozenset(
+NEVER_NONE = set(
     {
         *FAST.values(),
         mmdet_transforms.RandomAffine,
@@ -678,6 +678,14 @@ NEVER_NONE = frozenset(
     }
 )
 FAST_BY_NAME = {cls.__name__: fast for cls, fast in FAST.items()}
+
+
+def register(mmdet_cls: type, fast_cls: type, never_none: bool = True) -> None:
+    """Add a fast transform kept in a module of its own (see the imports at the end of this file)."""
+    FAST[mmdet_cls] = fast_cls
+    FAST_BY_NAME[mmdet_cls.__name__] = fast_cls
+    if never_none:
+        NEVER_NONE.update({mmdet_cls, fast_cls})
 
 
 def swap(dataset: Any, enabled: bool) -> list[str]:
@@ -737,3 +745,7 @@ def _transforms_of(node: Any, seen: set[int] | None = None, include_datasets: bo
             if include_datasets:
                 yield child
             yield from _transforms_of(child, seen, include_datasets)
+
+
+# Modules with more fast transforms call ``register`` when imported; they come last because they
+# use the helpers above.
