@@ -678,6 +678,10 @@ NEVER_NONE = set(
     }
 )
 FAST_BY_NAME = {cls.__name__: fast for cls, fast in FAST.items()}
+# Fusers of neighbouring transforms, run after ``swap`` (given the dataset) and ``swap_pipeline`` (given
+# the config list, returning it); the modules imported at the end add theirs.
+LINKS: list[Any] = []
+CONFIG_LINKS: list[Any] = []
 
 
 def register(mmdet_cls: type, fast_cls: type, never_none: bool = True) -> None:
@@ -702,6 +706,8 @@ def swap(dataset: Any, enabled: bool) -> list[str]:
         if fast is not None:
             node.__class__ = fast
             swapped.append(fast.__name__)
+    for link in LINKS:
+        link(dataset)
     return swapped
 
 
@@ -712,6 +718,8 @@ def swap_pipeline(pipeline: Iterable[Any]) -> list[Any]:
         kind = cfg.get("type") if isinstance(cfg, dict) else None
         name = kind.split(".")[-1] if isinstance(kind, str) else None
         out.append({**cfg, "type": FAST_BY_NAME[name]} if name in FAST_BY_NAME else cfg)
+    for link in CONFIG_LINKS:
+        out = link(out)
     return out
 
 
@@ -749,3 +757,4 @@ def _transforms_of(node: Any, seen: set[int] | None = None, include_datasets: bo
 
 # Modules with more fast transforms call ``register`` when imported; they come last because they
 # use the helpers above.
+from det_mmdet import crop_resize  # noqa: E402,F401,I001  (one line per module: each added on its own)

@@ -1,0 +1,245 @@
+"""RandomResize followed by RandomCrop: only the crop window of the resized image is made, same pixels.
+
+RTMDet's pipelines scale a whole 1280x1280 mosaic by up to 2x (``RandomResize``, OpenCV's 8-bit
+bilinear resize) and then keep 640x640 of it (``RandomCrop``). Where a pipeline has exactly mmdet's
+``RandomResize`` right before exactly mmdet's ``RandomCrop``, ``swap`` turns the first into
+:class:`FastRandomResize`, which draws the scale as mmdet's does and runs mmdet's ``Resize`` for
+everything but the image (boxes, masks, segmentation map, homography matrix, ``img_shape``,
+``scale_factor``), leaving a :class:`ResizedLater` in ``results["img"]``: the resized image's shape,
+nothing computed. mmdet's own ``RandomCrop`` then draws its offsets from that shape (same draws)
+and slices it, which computes only the window.
+
+The window's pixels are OpenCV's, bit for bit: :func:`resized_window` does in numpy what OpenCV's
+``resize`` (``INTER_LINEAR``, 8-bit) does, on the source rows and columns the window needs:
+source positions ``(d + 0.5) * src / dst - 0.5`` in float32, 11-bit fixed-point weights, the
+horizontal pass in int32 (columns clamped to the border, rows clamped by index only), then the
+vertical pass as OpenCV's vector code does it (``((h0 >> 4) * b0 >> 16) + ((h1 >> 4) * b1 >> 16)``,
+rounded by 2 bits); an exact halving (OpenCV's area path) gives the same numbers. Where the resized
+image is small (numpy's passes cost more than OpenCV's whole resize) OpenCV resizes the whole image
+and the window is cut from it, as mmdet's ``RandomCrop`` would.
+
+Anything else (a lone ``RandomResize``, not 3-channel uint8 images, other interpolations or the
+Pillow backend, a slice that is not a plain window) runs mmdet's code or resizes the whole image.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import cv2
+import mmcv
+import numpy as np
+from mmcv.transforms import RandomResize
+from mmdet.datasets.transforms import transforms as mmdet_transforms
+from mmdet.registry import TRANSFORMS
+
+from det_mmdet import fast_transforms
+
+COEF_BITS = 11  # OpenCV's INTER_RESIZE_COEF_BITS
+ONE = np.float32(1 << COEF_BITS)
+# numpy's window costs about as much as OpenCV resizing this many windows' worth of pixels (measured
+# with bench/crop_resize.py); below it OpenCV's whole resize is the cheaper way to the same bits.
+NUMPY_FROM_AREA_RATIO = 7.0
+
+
+# ---------------------------------------------------------------------------------------------
+# OpenCV's 8-bit bilinear resize, for a window of the output
+
+
+def _positions(src: int, dst: int, start: int, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """Source index (floor) and float32 fraction for outputs ``start .. start + count`` (OpenCV's ``fx``)."""
+    f = ((np.arange(start, start + count) + 0.5) * (src / dst) - 0.5).astype(np.float32)
+    s = np.floor(f)
+    f -= s
+    return s.astype(np.int64), f
+
+
+def _weights(f: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """OpenCV's ``saturate_cast<short>((1 - f) * 2048)`` and ``saturate_cast<short>(f * 2048)``."""
+    return np.rint((np.float32(1) - f) * ONE).astype(np.int32), np.rint(f * ONE).astype(np.int32)
+
+
+def column_taps(src: int, dst: int, start: int, count: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Columns and weights of the horizontal pass: outside the image both position and fraction clamp."""
+    s, f = _positions(src, dst, start, count)
+    outside = (s < 0) | (s >= src - 1)
+    f[outside] = 0
+    s = np.clip(s, 0, src - 1)
+    w0, w1 = _weights(f)
+    return s, np.minimum(s + 1, src - 1), w0, w1
+
+
+def row_taps(src: int, dst: int, start: int, count: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Rows and weights of the vertical pass: the row indices clamp, the fractions do not."""
+    s, f = _positions(src, dst, start, count)
+    w0, w1 = _weights(f)
+    return np.clip(s, 0, src - 1), np.clip(s + 1, 0, src - 1), w0, w1
+
+
+def resized_window(img: np.ndarray, size: tuple[int, int], top: int, left: int, rows: int, cols: int) -> np.ndarray:
+    """``cv2.resize(img, size, interpolation=INTER_LINEAR)[top:top+rows, left:left+cols]`` for uint8 HxWxC."""
+    h, w, cn = img.shape
+    width, height = size
+    x0, x1, a0, a1 = column_taps(w, width, left, cols)
+    y0, y1, b0, b1 = row_taps(h, height, top, rows)
+    first, last = int(y0[0]), int(y1[-1]) + 1
+    source = np.ascontiguousarray(img[first:last]).reshape(last - first, w * cn)
+    channel = np.arange(cn)
+    # horizontal pass on the rows the window reads: exact int32, then OpenCV's 4-bit drop to int16 range
+    across = np.take(source, (x0[:, None] * cn + channel).ravel(), axis=1).astype(np.int32)
+    across *= np.repeat(a0, cn)
+    right = np.take(source, (x1[:, None] * cn + channel).ravel(), axis=1).astype(np.int32)
+    right *= np.repeat(a1, cn)
+    across += right
+    across >>= 4
+    # vertical pass: the high halves of the 16-bit products, summed, rounded by 2 bits, saturated
+    out = np.take(across, y0 - first, axis=0)
+    out *= b0[:, None]
+    out >>= 16
+    below = np.take(across, y1 - first, axis=0)
+    below *= b1[:, None]
+    below >>= 16
+    out += below
+    out += 2
+    out >>= 2
+    np.minimum(out, 255, out=out)
+    return out.astype(np.uint8).reshape(rows, cols, cn)
+
+
+class ResizedLater:
+    """The image ``cv2.resize(src, size)`` would give, made only where it is sliced.
+
+    Stands in ``results["img"]`` between :class:`FastRandomResize` and ``RandomCrop``, which reads
+    its ``shape`` and slices one window (``img[y1:y2, x1:x2, ...]``).
+    """
+
+    dtype = np.dtype(np.uint8)
+    ndim = 3
+
+    def __init__(self, src: np.ndarray, size: tuple[int, int]) -> None:
+        self.src, self.size = src, size
+        self.shape = (size[1], size[0], src.shape[2])
+
+    def full(self) -> np.ndarray:
+        return cv2.resize(self.src, self.size, interpolation=cv2.INTER_LINEAR)
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        out = self.full()
+        return out if dtype is None else out.astype(dtype)
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        window = _window(key, self.shape)
+        if window is None:
+            return self.full()[key]
+        (top, bottom), (left, right) = window
+        rows, cols = bottom - top, right - left
+        if rows <= 0 or cols <= 0 or self.shape[0] * self.shape[1] < NUMPY_FROM_AREA_RATIO * rows * cols:
+            return self.full()[top:bottom, left:right]
+        return resized_window(self.src, self.size, top, left, rows, cols)
+
+
+def _window(key: Any, shape: tuple[int, ...]) -> tuple[tuple[int, int], tuple[int, int]] | None:
+    """``((top, bottom), (left, right))`` for a key of two step-1 slices (and an optional ``...``)."""
+    if not isinstance(key, tuple):
+        return None
+    if len(key) == 3 and key[2] is Ellipsis:
+        key = key[:2]
+    if len(key) != 2 or not all(isinstance(k, slice) and k.step in (None, 1) for k in key):
+        return None
+    (top, bottom, _), (left, right, _) = (k.indices(n) for k, n in zip(key, shape[:2], strict=True))
+    return (top, max(top, bottom)), (left, max(left, right))
+
+
+# ---------------------------------------------------------------------------------------------
+# The transforms
+
+
+class DeferringResize(mmdet_transforms.Resize):
+    """mmdet's ``Resize`` whose image is a :class:`ResizedLater` (all else as mmdet's: boxes, masks, ...)."""
+
+    def _resize_img(self, results: dict) -> None:
+        img = results.get("img", None)
+        if not (self._deferrable(img) and fast_transforms.is_color_uint8(img)):
+            return super()._resize_img(results)
+        h, w = img.shape[:2]
+        if self.keep_ratio:  # mmcv.imrescale's size, then mmcv.imresize's
+            size = mmcv.rescale_size((w, h), results["scale"])
+        else:
+            size = tuple(results["scale"])
+        results["img"] = ResizedLater(img, (int(size[0]), int(size[1])))
+        results["img_shape"] = (int(size[1]), int(size[0]))
+        results["scale_factor"] = (size[0] / w, size[1] / h)
+        results["keep_ratio"] = self.keep_ratio
+
+    def _deferrable(self, img: Any) -> bool:
+        backend = self.backend or mmcv.image.geometric.imread_backend
+        return self.interpolation == "bilinear" and backend == "cv2" and isinstance(img, np.ndarray) and img.size > 0
+
+
+@TRANSFORMS.register_module(name="FastRandomResize", force=True)
+class FastRandomResize(RandomResize):
+    """mmcv's ``RandomResize`` right before mmdet's ``RandomCrop``: the image resized where cropped (see above)."""
+
+    def transform(self, results: dict) -> dict:
+        resize = self.resize
+        if type(resize) not in (mmdet_transforms.Resize, fast_transforms.FAST.get(mmdet_transforms.Resize)):
+            return super().transform(results)
+        results["scale"] = self._random_scale()
+        resize.scale = results["scale"]
+        deferring = self.__dict__.get("_deferring")
+        if deferring is None:
+            deferring = self._deferring = DeferringResize.__new__(DeferringResize)
+        deferring.__dict__.update(resize.__dict__)
+        return deferring(results)
+
+
+# ---------------------------------------------------------------------------------------------
+# Finding the pairs
+
+
+def croppers() -> tuple[type, ...]:
+    crop = mmdet_transforms.RandomCrop
+    return tuple({crop, fast_transforms.FAST.get(crop, crop)})
+
+
+def link(dataset: Any) -> None:
+    """Each mmcv ``RandomResize`` right before a ``RandomCrop`` in a ``Compose`` becomes a :class:`FastRandomResize`."""
+    for compose in _composes(dataset):
+        steps = compose.transforms
+        for first, second in zip(steps, steps[1:], strict=False):
+            if type(first) is RandomResize and type(second) in croppers():
+                first.__class__ = FastRandomResize
+
+
+def link_config(pipeline: list[Any]) -> list[Any]:
+    """:func:`link` for a pipeline config (a list of dicts run in order, as ``PipelineSwitchHook``'s)."""
+    names = [_type_name(cfg) for cfg in pipeline]
+    crops = {cls.__name__ for cls in croppers()}
+    out = list(pipeline)
+    for i in range(len(out) - 1):
+        if names[i] == "RandomResize" and names[i + 1] in crops:
+            out[i] = {**out[i], "type": "FastRandomResize"}
+    return out
+
+
+def _type_name(cfg: Any) -> str | None:
+    kind = cfg.get("type") if isinstance(cfg, dict) else None
+    return kind.split(".")[-1] if isinstance(kind, str) else None
+
+
+def _composes(dataset: Any) -> list[Any]:
+    """Every ``Compose`` (mmengine's or mmcv's: transforms run one after another) reachable from ``dataset``."""
+    from mmcv.transforms import Compose as McvCompose
+    from mmengine.dataset import Compose as EngineCompose
+
+    nodes = [dataset, *fast_transforms._transforms_of(dataset, include_datasets=True)]
+    found: dict[int, Any] = {}
+    for node in nodes:
+        for value in (node, getattr(node, "pipeline", None), getattr(node, "transforms", None)):
+            if isinstance(value, (McvCompose, EngineCompose)):
+                found[id(value)] = value
+    return list(found.values())
+
+
+fast_transforms.LINKS.append(link)
+fast_transforms.CONFIG_LINKS.append(link_config)
