@@ -343,34 +343,24 @@ STANDARD_MAX_DETS = (1, 10, 100)  # COCO's own evaluation (a results file is sco
 
 def evaluate_results(results: Path, ann: Path, out: Path | None = None, backend: str | None = None) -> dict[str, float]:
     """COCO AP/AR of a results file (``image_id, category_id, bbox, score`` [+ ``segmentation``]), no model."""
-    from det_mmdet import coco
+    from det_mmdet import coco, results_file
 
     backend = coco.check_backend(backend or coco.DEFAULT_BACKEND, "--coco-backend")
-    for thing, path in (("--results", results), ("--ann", ann)):
-        if not path.is_file():
-            raise UserError(f"{thing} {path} does not exist")
+    if not ann.is_file():
+        raise UserError(f"--ann {ann} does not exist")
+    found = results_file.read(results)
     try:
-        detections = json.loads(results.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"--results {results} is not valid JSON ({e.msg}, line {e.lineno})") from None
-    if not isinstance(detections, list) or not detections:
-        raise UserError(f"--results {results}: expected a non-empty list of COCO detections")
-    try:
-        gt = coco.ground_truth(json.loads(ann.read_text()), backend)
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        gt = coco.ground_truth(results_file.read_json(ann, "--ann"), backend)
+    except (KeyError, TypeError) as e:
         raise UserError(f"--ann {ann} is not a COCO annotation file ({e})") from None
-    unknown = sorted({d.get("image_id") for d in detections} - set(gt.getImgIds()), key=str)
-    if unknown:
-        raise UserError(f"--results {results}: image_id {unknown[0]} is not in {ann} ({len(unknown)} unknown ids)")
+    results_file.check_images(results, ann, found.image_ids, gt.getImgIds())
     names = {c["id"]: c["name"] for c in gt.loadCats(gt.getCatIds())}
     # segm is scored by the mask's own area, as mmdet and detectron2 do: without the box
-    kinds = {"bbox": [dict(d) for d in detections]}
-    if all("segmentation" in d for d in detections):
-        kinds["segm"] = [{k: v for k, v in d.items() if k != "bbox"} for d in detections]
+    kinds = {kind: value for kind, value in (("bbox", found.bbox), ("segm", found.segm)) if value is not None}
     scores: dict[str, float] = {}
     class_ap: dict[str, dict[str, float]] = {}
-    for kind, found in kinds.items():
-        evaluation = coco.match(gt, found, kind, backend, max_dets=STANDARD_MAX_DETS)
+    for kind, detections in kinds.items():
+        evaluation = coco.match(gt, detections, kind, backend, max_dets=STANDARD_MAX_DETS)
         stats = coco.summary(evaluation)
         print(coco.table(stats, kind, evaluation.params))
         scores.update({f"{kind}_{name}": round(stats[i], 3) for i, name in enumerate(coco.DETECTION_ITEMS)})
