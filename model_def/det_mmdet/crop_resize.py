@@ -218,12 +218,15 @@ def link_config(pipeline: list[Any]) -> list[Any]:
     out = list(pipeline)
     for i in range(len(out) - 1):
         if names[i] == "RandomResize" and names[i + 1] in crops:
-            out[i] = {**out[i], "type": "FastRandomResize"}
+            out[i] = {**out[i], "type": FastRandomResize}
     return out
 
 
 def _type_name(cfg: Any) -> str | None:
+    """A config's type name: ``"mmdet.RandomCrop"`` as ``"RandomCrop"``, a class (``swap_pipeline``'s) by name."""
     kind = cfg.get("type") if isinstance(cfg, dict) else None
+    if isinstance(kind, type):
+        return kind.__name__
     return kind.split(".")[-1] if isinstance(kind, str) else None
 
 
