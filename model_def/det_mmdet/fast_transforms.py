@@ -53,6 +53,7 @@ from mmdet.registry import TRANSFORMS
 from mmdet.structures.bbox import BaseBoxes, autocast_box_type
 from mmdet.structures.mask import BitmapMasks
 
+from det_mmdet import mask_fast
 from det_mmdet.errors import UserError
 
 KNOB = "data.fast_transforms"
@@ -479,8 +480,12 @@ def plain_bitmaps(masks: Any) -> bool:
 
 
 def rescaled_bitmaps(masks: BitmapMasks, scale: Any) -> BitmapMasks:
-    """``masks.rescale(scale)``: the same OpenCV nearest resize of each mask, into one array."""
+    """``masks.rescale(scale)``: the same OpenCV nearest resize of each mask, into one array (uint8
+    masks by their nonzero boxes only, see ``mask_fast``)."""
     new_w, new_h = mmcv.rescale_size((masks.width, masks.height), scale)
+    sparse = mask_fast.rescaled(masks.masks, (masks.height, masks.width), (new_h, new_w))
+    if sparse is not None:
+        return bitmap_masks(sparse, new_h, new_w)
     out = np.empty((len(masks.masks), new_h, new_w), dtype=masks.masks.dtype)
     for mask, dst in zip(masks.masks, out, strict=True):
         cv2.resize(mask, (new_w, new_h), dst=dst, interpolation=cv2.INTER_NEAREST)
@@ -488,7 +493,11 @@ def rescaled_bitmaps(masks: BitmapMasks, scale: Any) -> BitmapMasks:
 
 
 def flipped_bitmaps(masks: BitmapMasks, direction: str) -> BitmapMasks:
-    """``masks.flip(direction)``, each mask mirrored by OpenCV into one array."""
+    """``masks.flip(direction)``, each mask mirrored by OpenCV into one array (uint8 masks by their
+    nonzero boxes only, see ``mask_fast``)."""
+    sparse = mask_fast.flipped(masks.masks, (masks.height, masks.width), FLIP_CODES[direction])
+    if sparse is not None:
+        return bitmap_masks(sparse, masks.height, masks.width)
     out = np.empty_like(masks.masks, order="C")
     for mask, dst in zip(masks.masks, out, strict=True):
         cv2.flip(mask, FLIP_CODES[direction], dst=dst)
@@ -758,3 +767,4 @@ def _transforms_of(node: Any, seen: set[int] | None = None, include_datasets: bo
 # Modules with more fast transforms call ``register`` when imported; they come last because they
 # use the helpers above.
 from det_mmdet import crop_resize  # noqa: E402,F401,I001  (one line per module: each added on its own)
+from det_mmdet import yolox_fast  # noqa: E402,F401,I001

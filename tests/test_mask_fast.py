@@ -1,0 +1,245 @@
+"""Mask R-CNN's masks through det_mmdet's Resize / RandomFlip against mmdet 3.3.0's: same inputs, same outputs.
+
+The sparse bitmap rescale and flip (det_mmdet.mask_fast, behind ``FastResize`` and ``FastRandomFlip``)
+are compared with mmdet's ``BitmapMasks.rescale`` / ``flip`` and transforms on masks that mmdet's own
+``LoadAnnotations`` makes (polygons of one and several parts, invalid ones, crowd RLE uncompressed and
+compressed, empty images) and on drawn ones (empty, full, touching every border, values other than 1,
+strided views), at the sizes Mask R-CNN's ``Resize(scale=(1333, 800))`` makes and odd ones; every mask,
+box, label and flag equal bit for bit, and the masks C-contiguous uint8.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import cv2
+import numpy as np
+import pytest
+from mmdet.datasets.transforms import LoadAnnotations
+from mmdet.datasets.transforms import transforms as T
+from mmdet.structures.mask import BitmapMasks
+from mmengine.registry import init_default_scope
+from pycocotools import mask as mask_utils
+
+from det_mmdet import fast_transforms as F
+from det_mmdet import mask_fast
+from det_mmdet.shapes import make_split
+from test_fast_transforms import assert_same, coco_cfg, compare, pair, samples
+
+SEEDS = range(40)
+
+
+# ---- inputs ----------------------------------------------------------------------------------
+
+
+def polygon(rng: np.random.Generator, h: int, w: int) -> list[float]:
+    """A star-shaped polygon, sometimes reaching past the image (clipped by the rasteriser)."""
+    cx, cy = rng.uniform(-0.1, 1.1) * w, rng.uniform(-0.1, 1.1) * h
+    r = rng.uniform(0.02, 0.6) * min(h, w)
+    angles = np.sort(rng.uniform(0, 2 * np.pi, int(rng.integers(3, 12))))
+    radii = r * rng.uniform(0.3, 1.0, len(angles))
+    return [
+        round(float(v), 2) for a, d in zip(angles, radii, strict=True) for v in (cx + d * np.cos(a), cy + d * np.sin(a))
+    ]
+
+
+def crowd_rle(rng: np.random.Generator, h: int, w: int, compressed: bool) -> dict:
+    """A crowd region as COCO stores it: uncompressed counts (a list) or pycocotools' compressed string."""
+    bits = np.zeros((h, w), dtype=np.uint8, order="F")
+    for _ in range(int(rng.integers(0, 4))):
+        y, x = int(rng.integers(0, h)), int(rng.integers(0, w))
+        bits[y : y + int(rng.integers(1, h)), x : x + int(rng.integers(1, w))] = 1
+    rle = mask_utils.encode(bits)
+    if compressed:
+        return {"size": rle["size"], "counts": rle["counts"].decode() if rng.random() < 0.5 else rle["counts"]}
+    flat, counts, value, run = bits.reshape(-1, order="F"), [], 0, 0
+    for bit in flat:  # runs of zeros and ones, zeros first, column by column
+        if bit != value:
+            counts.append(run)
+            value, run = bit, 0
+        run += 1
+    counts.append(run)
+    return {"size": [h, w], "counts": counts}
+
+
+def mask_annotation(rng: np.random.Generator, h: int, w: int):
+    kind = rng.choice(
+        ["polygon", "parts", "invalid", "some_invalid", "rle", "compressed", "edge"],
+        p=[0.4, 0.15, 0.1, 0.1, 0.1, 0.05, 0.1],
+    )
+    if kind == "polygon":
+        return [polygon(rng, h, w)]
+    if kind == "parts":
+        return [polygon(rng, h, w) for _ in range(int(rng.integers(2, 4)))]
+    if kind == "invalid":  # fewer than 3 points / an odd length: mmdet ignores the instance, fakes a mask
+        return [[1.0, 2.0, 3.0, 4.0], [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0]]
+    if kind == "some_invalid":
+        return [[5.0, 5.0, 9.0], polygon(rng, h, w)]
+    if kind == "edge":  # the whole image, or a sliver on its last row / column
+        return [
+            rng.choice(
+                [[0, 0, w, 0, w, h, 0, h], [0, h - 1, w, h - 1, w, h, 0, h], [w - 1, 0, w, 0, w, h, w - 1, h]]
+            ).tolist()
+        ]
+    return crowd_rle(rng, h, w, compressed=kind == "compressed")
+
+
+def loaded(rng: np.random.Generator, h: int, w: int, n: int) -> dict:
+    """A sample as ``CocoDataset`` gives it to ``LoadAnnotations``."""
+    instances = []
+    for _ in range(n):
+        x, y = rng.uniform(0, w - 2), rng.uniform(0, h - 2)
+        box = [x, y, min(w, x + rng.uniform(1, w)), min(h, y + rng.uniform(1, h))]
+        mask = mask_annotation(rng, h, w)
+        instances.append(
+            {
+                "bbox": box,
+                "bbox_label": int(rng.integers(0, 5)),
+                "ignore_flag": int(isinstance(mask, dict)),
+                "mask": mask,
+            }
+        )
+    return {"img_path": "x.jpg", "ori_shape": (h, w), "img_shape": (h, w), "instances": instances}
+
+
+def sparse_masks(rng: np.random.Generator, h: int, w: int, n: int, values=(1,)) -> BitmapMasks:
+    """Mostly-zero masks: boxes and scattered pixels, some touching the borders, some empty, some full."""
+    bits = np.zeros((n, h, w), dtype=np.uint8)
+    for mask in bits:
+        kind = rng.integers(0, 6)
+        if kind == 0:
+            continue  # empty
+        if kind == 1:
+            mask[:] = 1  # full
+            continue
+        y0, x0 = int(rng.integers(0, h)), int(rng.integers(0, w))
+        y1 = h if kind == 2 else int(rng.integers(y0 + 1, h + 1))
+        x1 = w if kind == 3 else int(rng.integers(x0 + 1, w + 1))
+        mask[y0:y1, x0:x1] = rng.random((y1 - y0, x1 - x0)) < 0.7
+        mask[int(rng.integers(0, h)), 0 if kind == 4 else w - 1] = 1  # a lone pixel on the first / last column
+    bits *= rng.choice(np.array(values, dtype=np.uint8), (n, 1, 1))
+    return BitmapMasks(bits, h, w)
+
+
+def assert_row_major_uint8(masks: BitmapMasks) -> None:
+    assert masks.masks.dtype == np.uint8 and masks.masks.flags.c_contiguous
+
+
+# ---- rescale / flip of bitmap masks ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("size", [(480, 640), (640, 480), (30, 41), (1, 9), (200, 3)])
+def test_nearest_index_is_opencvs(size):
+    h, w = size
+    rng = np.random.default_rng(h * w)
+    img = rng.integers(0, 256, (h, w), dtype=np.uint8)
+    for new_h, new_w in [(800, 1066), (600, 800), (h, w), (max(1, h // 3), max(1, w // 7)), (h * 2 + 1, w * 3 - 1)]:
+        ys, xs = mask_fast.nearest_index(h, new_h, 0), mask_fast.nearest_index(w, new_w, 1)
+        expected = cv2.resize(img, (new_w, new_h), interpolation=cv2.INTER_NEAREST)
+        assert np.array_equal(img[np.ix_(ys, xs)], expected), (h, w, new_h, new_w)
+
+
+@pytest.mark.parametrize("scale", [(1333, 800), 0.5, 1.0, 2.7, (64, 9)])
+def test_rescaled_bitmaps_equal_mmdet(scale):
+    rng = np.random.default_rng(14)
+    for seed in range(12):
+        h, w = [(480, 640), (640, 480)][seed % 2] if seed % 3 == 0 else tuple(int(v) for v in rng.integers(5, 90, 2))
+        masks = sparse_masks(rng, h, w, int(rng.integers(0, 5)), values=(1, 255))
+        ours = F.rescaled_bitmaps(masks, scale)
+        assert_same(masks.rescale(scale), ours)
+        assert_row_major_uint8(ours)
+    strided = BitmapMasks(sparse_masks(rng, 40, 60, 4).masks[:, ::2, 1::3], 20, 20)  # a view: not contiguous
+    assert_same(strided.rescale(1.7), F.rescaled_bitmaps(strided, 1.7))
+
+
+@pytest.mark.parametrize("direction", ["horizontal", "vertical", "diagonal"])
+def test_flipped_bitmaps_equal_mmdet(direction):
+    rng = np.random.default_rng(15)
+    for seed in range(20):
+        h, w = (800, 1066) if seed == 0 else tuple(int(v) for v in rng.integers(1, 60, 2))
+        masks = sparse_masks(rng, h, w, int(rng.integers(0, 5)), values=(1, 3))
+        ours = F.flipped_bitmaps(masks, direction)
+        assert_same(masks.flip(direction), ours)
+        assert_row_major_uint8(ours)
+
+
+def test_nonzero_box_of_any_layout():
+    rng = np.random.default_rng(17)
+    for _ in range(30):
+        masks = sparse_masks(rng, *(int(v) for v in rng.integers(1, 50, 2)), 1).masks
+        for mask in (masks[0], np.asfortranarray(masks[0]), masks[0][::-1], masks[0][:, ::2]):
+            ys, xs = np.nonzero(mask)
+            expected = (0, 0, 0, 0) if not len(ys) else (xs.min(), ys.min(), np.ptp(xs) + 1, np.ptp(ys) + 1)
+            assert tuple(mask_fast.nonzero_box(mask)) == tuple(int(v) for v in expected)
+
+
+def test_non_uint8_masks_take_the_plain_path():
+    bits = np.zeros((2, 10, 12), dtype=np.int32)
+    bits[0, 2:5, 3:9] = 7
+    masks = BitmapMasks(bits, 10, 12)
+    assert_same(masks.rescale(1.5), F.rescaled_bitmaps(masks, 1.5))
+    assert_same(masks.flip("diagonal"), F.flipped_bitmaps(masks, "diagonal"))
+
+
+@pytest.mark.parametrize("params", [dict(scale=(1333, 800), keep_ratio=True), dict(scale=(90, 40), keep_ratio=True)])
+def test_resize_and_flip_of_loaded_masks_equal_mmdet(params):
+    """mmdet's LoadAnnotations (crowd RLE, invalid polygons, empty images), then Resize and RandomFlip,
+    each mmdet's against ours from one seed."""
+    load = LoadAnnotations(with_bbox=True, with_mask=True)  # column-major bitmaps, as pycocotools decodes
+    steps = [
+        pair(T.Resize, F.FastResize, **params),
+        pair(T.RandomFlip, F.FastRandomFlip, prob=[0.3, 0.3, 0.3], direction=["horizontal", "vertical", "diagonal"]),
+    ]
+    rng = np.random.default_rng(16)
+    for seed in range(6 if params["scale"][0] == 1333 else 24):
+        h, w = (480, 640) if seed % 2 else tuple(int(v) for v in rng.integers(10, 80, 2))
+        results = load(loaded(rng, h, w, int(rng.integers(0, 6))))
+        results["img"] = np.zeros((h, w, 3), dtype=np.uint8)
+        for slow, fast in steps:
+            results = compare(slow, fast, results, seed)
+        assert_row_major_uint8(results["gt_masks"])
+
+
+# ---- the built dataset -----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def crowd_coco(tmp_path_factory):
+    """12 drawn-shapes images (128 px): a crowd object with an uncompressed RLE, one with a compressed
+    RLE, an object whose only polygon is invalid, one image without objects."""
+    root = tmp_path_factory.mktemp("crowd_coco")
+    ann = make_split(root, "train", 12, seed=7)
+    data = json.loads(ann.read_text())
+    data["annotations"] = [a for a in data["annotations"] if a["image_id"] != 3]
+    rng = np.random.default_rng(0)
+    for a, compressed in zip(data["annotations"][:2], (False, True), strict=True):
+        rle = crowd_rle(rng, 128, 128, compressed)
+        counts = rle["counts"].decode() if isinstance(rle["counts"], bytes) else rle["counts"]  # JSON holds text
+        a.update(iscrowd=1, segmentation={**rle, "counts": counts})
+    data["annotations"][2]["segmentation"] = [[3.0, 4.0, 5.0, 6.0]]
+    ann.write_text(json.dumps(data))
+    return root
+
+
+MASK_RCNN_LIKE = [
+    dict(type="LoadImageFromFile"),
+    dict(type="LoadAnnotations", with_bbox=True, with_mask=True),
+    dict(type="Resize", scale=(200, 150), keep_ratio=True),
+    dict(type="RandomFlip", prob=0.5),
+    dict(type="PackDetInputs"),
+]
+
+
+def test_mask_rcnn_like_dataset_yields_the_same_samples_either_way(crowd_coco):
+    init_default_scope("mmdet")
+    cfg = coco_cfg(crowd_coco, MASK_RCNN_LIKE)
+    saved = copy.deepcopy(cfg)
+    ours, fast_names = samples(cfg, True)
+    theirs, slow_names = samples(cfg, False)
+    assert cfg == saved
+    assert_same(theirs, ours)
+    assert {"FastResize", "FastRandomFlip", "FastPackDetInputs"} <= set(fast_names)
+    assert not any(n.startswith("Fast") for n in slow_names)
+    ignored = sum(len(s["data_samples"].ignored_instances) for s in ours)
+    assert ignored >= 3 and any(len(s["data_samples"].gt_instances) == 0 for s in ours)  # crowd, invalid, empty
