@@ -12,9 +12,6 @@ pycocotools' ``loadRes`` replaces them.
 
 from __future__ import annotations
 
-import contextlib
-import gc
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +19,7 @@ from typing import Any
 import msgspec
 import numpy as np
 
-from det_mmdet.coco import Detections
+from det_mmdet.coco import Detections, collector_paused
 from det_mmdet.errors import UserError
 
 
@@ -101,18 +98,6 @@ def read_json(path: Path, flag: str) -> Any:
             return msgspec.json.decode(path.read_bytes())
     except msgspec.DecodeError as e:
         raise UserError(f"{flag} {path} is not valid JSON ({e})") from None
-
-
-@contextlib.contextmanager
-def collector_paused() -> Iterator[None]:
-    """Python's cyclic garbage collector off for a while (it was on: back on after)."""
-    was_on = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was_on:
-            gc.enable()
 
 
 def first_missing(values: list) -> int:
