@@ -1,11 +1,11 @@
-"""Mask R-CNN's masks through det_mmdet's Resize / RandomFlip against mmdet 3.3.0's: same inputs, same outputs.
+"""Mask R-CNN's masks through det_mmdet's LoadAnnotations / Resize / RandomFlip against mmdet 3.3.0's.
 
-The sparse bitmap rescale and flip (det_mmdet.mask_fast, behind ``FastResize`` and ``FastRandomFlip``)
-are compared with mmdet's ``BitmapMasks.rescale`` / ``flip`` and transforms on masks that mmdet's own
-``LoadAnnotations`` makes (polygons of one and several parts, invalid ones, crowd RLE uncompressed and
-compressed, empty images) and on drawn ones (empty, full, touching every border, values other than 1,
-strided views), at the sizes Mask R-CNN's ``Resize(scale=(1333, 800))`` makes and odd ones; every mask,
-box, label and flag equal bit for bit, and the masks C-contiguous uint8.
+``FastLoadAnnotations`` and the sparse bitmap rescale and flip (det_mmdet.mask_fast, behind
+``FastResize`` and ``FastRandomFlip``) are compared with mmdet's transforms and ``BitmapMasks.rescale``
+/ ``flip`` from one seed on equal inputs: polygons of one and several parts, invalid ones, crowd RLE
+uncompressed and compressed, empty images, and drawn masks (empty, full, touching every border, values
+other than 1, strided views), at the sizes Mask R-CNN's ``Resize(scale=(1333, 800))`` makes and odd
+ones; every mask, box, label and flag equal bit for bit, rescaled and mirrored masks C-contiguous uint8.
 """
 
 from __future__ import annotations
@@ -24,8 +24,9 @@ from pycocotools import mask as mask_utils
 
 from det_mmdet import fast_transforms as F
 from det_mmdet import mask_fast
+from det_mmdet.mask_fast import FastLoadAnnotations
 from det_mmdet.shapes import make_split
-from test_fast_transforms import assert_same, coco_cfg, compare, pair, samples
+from test_fast_transforms import assert_same, coco_cfg, compare, pair, samples, seeded
 
 SEEDS = range(40)
 
@@ -126,6 +127,57 @@ def assert_row_major_uint8(masks: BitmapMasks) -> None:
     assert masks.masks.dtype == np.uint8 and masks.masks.flags.c_contiguous
 
 
+# ---- LoadAnnotations -------------------------------------------------------------------------
+
+
+def compared(slow, fast, inputs: dict, seed: int) -> tuple:
+    """``compare``, and both outputs (ours too)."""
+    theirs = compare(slow, fast, inputs, seed)
+    return theirs, seeded(seed, fast, copy.deepcopy(inputs))[0]
+
+
+def layout(a: np.ndarray) -> list[int]:
+    """The strides of the axes longer than 1 (a length-1 axis's stride is arbitrary)."""
+    return [s for s, n in zip(a.strides, a.shape, strict=True) if n > 1]
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        dict(with_bbox=True, with_mask=True),
+        dict(with_bbox=False, with_mask=True),
+        dict(with_bbox=True, with_mask=True, box_type=None),
+        dict(with_bbox=True, with_mask=True, poly2mask=False),  # mmdet's code (polygon masks)
+    ],
+)
+def test_load_annotations_equals_mmdet(params):
+    slow, fast = pair(LoadAnnotations, FastLoadAnnotations, **params)
+    rng = np.random.default_rng(11)
+    for seed in SEEDS:
+        h, w = (int(v) for v in rng.integers(8, 70, 2))
+        theirs, ours = compared(slow, fast, loaded(rng, h, w, int(rng.integers(0, 7)) if seed % 8 else 0), seed)
+        if isinstance(theirs["gt_masks"], BitmapMasks):  # the same layout too (column-major bitmaps)
+            assert layout(ours["gt_masks"].masks) == layout(theirs["gt_masks"].masks)
+
+
+def test_load_annotations_of_mask_rcnn_sized_images():
+    slow, fast = pair(LoadAnnotations, FastLoadAnnotations, with_bbox=True, with_mask=True)
+    rng = np.random.default_rng(12)
+    for seed, (h, w) in enumerate([(480, 640), (640, 480), (427, 640)]):
+        compare(slow, fast, loaded(rng, h, w, 12), seed)
+
+
+def test_load_annotations_rle_of_another_size_as_mmdet():
+    """An RLE whose size is not the image's cannot go into one decode call: mmdet's code, mmdet's failure."""
+    slow, fast = pair(LoadAnnotations, FastLoadAnnotations, with_mask=True)
+    rng = np.random.default_rng(13)
+    results = loaded(rng, 20, 30, 2)
+    results["instances"][1]["mask"] = crowd_rle(rng, 21, 30, compressed=False)
+    assert compare(slow, fast, results, 0).startswith("raised")
+    results["instances"] = results["instances"][1:]  # only masks of another size: mmdet's BitmapMasks of them
+    assert compare(slow, fast, results, 0).startswith("raised")
+
+
 # ---- rescale / flip of bitmap masks ----------------------------------------------------------
 
 
@@ -184,17 +236,17 @@ def test_non_uint8_masks_take_the_plain_path():
 
 @pytest.mark.parametrize("params", [dict(scale=(1333, 800), keep_ratio=True), dict(scale=(90, 40), keep_ratio=True)])
 def test_resize_and_flip_of_loaded_masks_equal_mmdet(params):
-    """mmdet's LoadAnnotations (crowd RLE, invalid polygons, empty images), then Resize and RandomFlip,
-    each mmdet's against ours from one seed."""
-    load = LoadAnnotations(with_bbox=True, with_mask=True)  # column-major bitmaps, as pycocotools decodes
+    """LoadAnnotations (crowd RLE, invalid polygons, empty images), Resize, RandomFlip: each step mmdet's
+    against ours from one seed (ours gets the column-major bitmaps LoadAnnotations makes)."""
     steps = [
+        pair(LoadAnnotations, FastLoadAnnotations, with_bbox=True, with_mask=True),
         pair(T.Resize, F.FastResize, **params),
         pair(T.RandomFlip, F.FastRandomFlip, prob=[0.3, 0.3, 0.3], direction=["horizontal", "vertical", "diagonal"]),
     ]
     rng = np.random.default_rng(16)
     for seed in range(6 if params["scale"][0] == 1333 else 24):
         h, w = (480, 640) if seed % 2 else tuple(int(v) for v in rng.integers(10, 80, 2))
-        results = load(loaded(rng, h, w, int(rng.integers(0, 6))))
+        results = loaded(rng, h, w, int(rng.integers(0, 6)))
         results["img"] = np.zeros((h, w, 3), dtype=np.uint8)
         for slow, fast in steps:
             results = compare(slow, fast, results, seed)
@@ -239,7 +291,20 @@ def test_mask_rcnn_like_dataset_yields_the_same_samples_either_way(crowd_coco):
     theirs, slow_names = samples(cfg, False)
     assert cfg == saved
     assert_same(theirs, ours)
-    assert {"FastResize", "FastRandomFlip", "FastPackDetInputs"} <= set(fast_names)
+    assert {"FastLoadAnnotations", "FastResize", "FastRandomFlip", "FastPackDetInputs"} <= set(fast_names)
     assert not any(n.startswith("Fast") for n in slow_names)
     ignored = sum(len(s["data_samples"].ignored_instances) for s in ours)
     assert ignored >= 3 and any(len(s["data_samples"].gt_instances) == 0 for s in ours)  # crowd, invalid, empty
+
+
+def test_mixup_still_reads_box_counts_with_the_fast_load_annotations(crowd_coco):
+    """MixUp's ``get_indexes`` shortcut still recognises a loading pipeline once LoadAnnotations is swapped."""
+    from det_mmdet.data import build_dataset
+
+    init_default_scope("mmdet")
+    loads = [dict(type="LoadImageFromFile"), dict(type="LoadAnnotations", with_bbox=True)]
+    dataset = build_dataset(coco_cfg(crowd_coco, loads), "d", {"fast_transforms": True})
+    assert type(dataset.pipeline.transforms[1]) is FastLoadAnnotations
+    counts = F.loaded_box_counts(dataset)
+    assert counts is not None
+    assert [counts(i) for i in range(len(dataset))] == [len(dataset[i]["gt_bboxes"]) for i in range(len(dataset))]

@@ -53,7 +53,6 @@ from mmdet.registry import TRANSFORMS
 from mmdet.structures.bbox import BaseBoxes, autocast_box_type
 from mmdet.structures.mask import BitmapMasks
 
-from det_mmdet import mask_fast
 from det_mmdet.errors import UserError
 
 KNOB = "data.fast_transforms"
@@ -312,10 +311,10 @@ def loaded_box_counts(dataset) -> Any:
     for t in transforms:
         if type(t) is LoadImageFromFile and not t.ignore_empty:
             continue
-        if type(t) is LoadAnnotations and t.with_bbox:
+        if type(t) in (LoadAnnotations, FAST.get(LoadAnnotations)) and t.with_bbox:
             continue
         return None
-    if not any(type(t) is LoadAnnotations for t in transforms):
+    if not any(type(t) in (LoadAnnotations, FAST.get(LoadAnnotations)) for t in transforms):
         return None
     return lambda index: len(dataset.get_data_info(index).get("instances", []))
 
@@ -570,7 +569,16 @@ class FastPackDetInputs(mmdet_formatting.PackDetInputs):
         if "gt_ignore_flags" in rest and plain_bitmaps(rest.get("gt_masks")):
             rest["gt_masks"] = IndexedOnce(rest["gt_masks"])  # mmdet only indexes them (valid / ignored)
         packed = super().transform(rest)
-        return {"inputs": torch.from_numpy(np.stack(cv2.split(unmirrored(img)))), **packed}
+        return {"inputs": torch.from_numpy(channels_first(unmirrored(img))), **packed}
+
+
+def channels_first(img: np.ndarray) -> np.ndarray:
+    """``np.stack(cv2.split(img))``, OpenCV splitting the channels straight into the (c, h, w) array."""
+    out = np.empty((img.shape[2], *img.shape[:2]), dtype=img.dtype)
+    planes = cv2.split(img, list(out))
+    if all(p.ctypes.data == o.ctypes.data for p, o in zip(planes, out, strict=True)):
+        return out
+    return np.stack(planes)  # (OpenCV's binding made planes of its own)
 
 
 def unmirrored(img: Any) -> Any:
@@ -768,3 +776,4 @@ def _transforms_of(node: Any, seen: set[int] | None = None, include_datasets: bo
 # use the helpers above.
 from det_mmdet import crop_resize  # noqa: E402,F401,I001  (one line per module: each added on its own)
 from det_mmdet import yolox_fast  # noqa: E402,F401,I001
+from det_mmdet import mask_fast  # noqa: E402,F401,I001
