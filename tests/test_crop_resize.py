@@ -226,3 +226,31 @@ def test_fused_dataset_pickles_for_loader_workers(tiny_coco):
         firsts.append([ds[i] for i in range(4)])
     assert_same(*firsts)
     pickle.loads(pickle.dumps(dataset))  # with its deferring Resize made
+
+
+# ---- the bench script ------------------------------------------------------------------------
+
+
+def test_crop_resize_bench_runs_and_checks_the_pixels():
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    cmd = [sys.executable, "bench/crop_resize.py", "--calls", "1", "--repeats", "1", "--points", "2"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line.split("|")[1:-1] for line in proc.stdout.splitlines() if line.startswith("| ") and "x" in line]
+    assert [r[0].strip() for r in rows] == [
+        "mosaic 1280x1280",
+        "mosaic 1280x1280",
+        "mosaic: mean over ratios",
+        "stage2 640x480",
+        "stage2 640x480",
+        "stage2: mean over ratios",
+    ]
+    assert rows[1][2].strip() == "2560x2560" and rows[4][2].strip() == "1280x960"  # 2x of each
+    assert all(float(r[-1].strip().rstrip("x")) > 0 for r in rows)
+    bad = subprocess.run([*cmd, "--cases", "mosaic,tiles"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0
+    assert bad.stderr.strip().splitlines()[-1] == "error: --cases: unknown tiles (choose from mosaic, stage2)"

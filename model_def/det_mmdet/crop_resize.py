@@ -48,7 +48,8 @@ NUMPY_FROM_AREA_RATIO = 7.0
 
 def _positions(src: int, dst: int, start: int, count: int) -> tuple[np.ndarray, np.ndarray]:
     """Source index (floor) and float32 fraction for outputs ``start .. start + count`` (OpenCV's ``fx``)."""
-    f = ((np.arange(start, start + count) + 0.5) * (src / dst) - 0.5).astype(np.float32)
+    scale = 1.0 / (dst / src)  # as OpenCV computes it: the inverse of its inv_scale, not src / dst
+    f = ((np.arange(start, start + count) + 0.5) * scale - 0.5).astype(np.float32)
     s = np.floor(f)
     f -= s
     return s.astype(np.int64), f
