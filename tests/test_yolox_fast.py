@@ -90,3 +90,114 @@ def test_built_yolox_dataset_yields_the_same_samples_either_way(tiny_coco):
     assert_same(theirs, ours)
     assert "FastRandomAffine" in fast_names and "RandomAffine" in slow_names
     assert not any(n.startswith("Fast") for n in slow_names)  # data.fast_transforms: false gives mmdet's own
+
+
+# ---- mosaic partners the warp never reads ----------------------------------------------------
+
+
+def encoded(img: np.ndarray, **pillow) -> bytes:
+    """``img`` (BGR) as a JPEG written by Pillow, with ``pillow``'s save options (progressive, exif)."""
+    import io
+
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(img[..., ::-1])).save(out, "JPEG", quality=90, **pillow)
+    return out.getvalue()
+
+
+def exif_rotated() -> bytes:
+    """Exif data that tells readers to turn the image (orientation 6: 90 degrees clockwise)."""
+    from PIL import Image
+
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    return exif.tobytes()
+
+
+def test_jpeg_size_is_the_decoded_size_or_none():
+    rng = np.random.default_rng(15)
+    img = photo(rng, 37, 53)
+    for data in (
+        cv2.imencode(".jpg", img)[1].tobytes(),
+        cv2.imencode(".jpg", img[..., 0])[1].tobytes(),  # grayscale: decoded as 3 channels, same size
+        encoded(img, progressive=True),
+        encoded(img, optimize=True),
+    ):
+        decoded = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+        assert Y.jpeg_size(data) == decoded.shape[:2] == (37, 53)
+    turned = encoded(img, exif=exif_rotated())
+    assert cv2.imdecode(np.frombuffer(turned, np.uint8), cv2.IMREAD_COLOR).shape[:2] == (53, 37)  # why: None
+    assert Y.jpeg_size(turned) is None
+    assert Y.jpeg_size(cv2.imencode(".png", img)[1].tobytes()) is None
+    assert Y.jpeg_size(cv2.imencode(".jpg", img)[1].tobytes()[:100]) is None  # cut before its frame header
+    assert Y.jpeg_size(b"") is None
+
+
+@pytest.fixture(scope="module")
+def turned_coco(tiny_coco, tmp_path_factory):
+    """tiny_coco with one image saved with an Exif orientation (its size unknown from the header)."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("turned_coco")
+    shutil.copytree(tiny_coco, root, dirs_exist_ok=True)
+    first = sorted((root / "train").glob("*.jpg"))[0]
+    first.write_bytes(encoded(cv2.imread(str(first)), exif=exif_rotated()))
+    return root
+
+
+def yolox_like(mosaic: dict | None = None, affine: dict | None = None) -> list[dict]:
+    pipeline = [dict(step) for step in YOLOX_LIKE]
+    pipeline[0].update(mosaic or {})
+    pipeline[1].update(affine or {})
+    return pipeline
+
+
+@pytest.mark.parametrize(
+    "variant",
+    ["yolox_s", "yolox_tiny", "mosaic_sometimes", "centre_anywhere", "affine_skipped", "not_loading_only"],
+)
+def test_partners_the_warp_never_reads_are_not_decoded_and_samples_stay_the_same(turned_coco, variant):
+    init_default_scope("mmdet")
+    loads = [dict(type="LoadImageFromFile"), dict(type="LoadAnnotations", with_bbox=True)]
+    pipeline = {
+        "yolox_s": yolox_like(),
+        "yolox_tiny": yolox_like(affine=dict(scaling_ratio_range=(0.5, 1.5))),
+        "mosaic_sometimes": yolox_like(mosaic=dict(prob=0.5)),
+        "centre_anywhere": yolox_like(mosaic=dict(center_ratio_range=(0.0, 2.0)), affine=dict(max_rotate_degree=60)),
+        "affine_skipped": yolox_like(),
+        "not_loading_only": yolox_like(),
+    }[variant]
+    if variant == "not_loading_only":
+        loads = [*loads, dict(type="RandomFlip", prob=0.5)]
+    cfg = dict(type="MultiImageMixDataset", dataset=coco_cfg(turned_coco, loads), pipeline=pipeline)
+    if variant == "affine_skipped":
+        cfg["skip_type_keys"] = ["RandomAffine"]
+    Y.SKIPPED["decodes"] = 0
+    ours, _ = samples(cfg, True, count=36)
+    skipped = Y.SKIPPED["decodes"]
+    theirs, _ = samples(cfg, False, count=36)
+    assert_same(theirs, ours)
+    if variant in ("affine_skipped", "not_loading_only"):
+        assert skipped == 0
+    else:
+        assert skipped >= 10, skipped  # a third of the 108 partners or so
+
+
+def test_the_warp_reads_nothing_outside_read_region():
+    """Pixels outside ``read_region`` changed, the warped image stays the same (YOLOX-s sizes and matrices)."""
+    rng = np.random.default_rng(16)
+    mosaic = photo(rng, 1280, 1280)
+    transform = T.RandomAffine(scaling_ratio_range=(0.1, 2), border=(-320, -320), max_rotate_degree=30)
+    random.seed(1)
+    np.random.seed(1)
+    partial = 0
+    for _ in range(16):
+        matrix = transform._get_random_homography_matrix(640, 640)
+        x1, y1, x2, y2 = Y.read_region(matrix, 640, 640)
+        scribbled = 255 - mosaic
+        scribbled[max(y1, 0) : max(y2, 0), max(x1, 0) : max(x2, 0)] = mosaic[max(y1, 0) : y2, max(x1, 0) : x2]
+        wanted = Y.warped(mosaic, matrix, (640, 640), (114, 114, 114))
+        assert_same(wanted, Y.warped(scribbled, matrix, (640, 640), (114, 114, 114)))
+        partial += x2 < 1280 or y2 < 1280
+    assert partial >= 4  # zoomed in: a part of the mosaic only

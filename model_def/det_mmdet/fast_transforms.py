@@ -634,7 +634,7 @@ class FastMultiImageMixDataset(MultiImageMixDataset):
                     indexes = transform.get_indexes(self.dataset)
                     if not isinstance(indexes, collections.abc.Sequence):
                         indexes = [indexes]
-                    mix_results = [take(self.dataset[index]) for index in indexes]
+                    mix_results = yolox_fast.partners(self, transform, indexes, take)  # unseen ones undecoded
                     if None not in mix_results:
                         results["mix_results"] = mix_results
                         break

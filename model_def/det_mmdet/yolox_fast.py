@@ -1,4 +1,5 @@
-"""A faster version of mmdet 3.3.0's ``RandomAffine`` (YOLOX's pipeline), with the same outputs.
+"""YOLOX's pipeline faster with the same outputs: mmdet 3.3.0's ``RandomAffine``, and no decoding of
+mosaic partners that the affine warp never shows.
 
 ``FastRandomAffine`` subclasses mmdet's class: same parameters, the same random draws (mmdet's own
 ``_get_random_homography_matrix``), the same box arithmetic (mmdet's box methods, in mmdet's order).
@@ -9,6 +10,22 @@ of 0s and 1s in float32), and the perspective divide is a division by 1. OpenCV'
 give the same pixels, bit for bit, in the OpenCV installed here; :func:`affine_warp_matches` checks
 that once per process on a probe image (zoom in, zoom out, rotation, shear, border), and where it
 does not hold, or the matrix is not affine, or the image is not 8-bit, mmdet's call runs.
+
+Mosaic partners nobody sees. YOLOX warps its 2x-sized mosaic with a random affine matrix that
+scales about the canvas's top-left corner (scale 0.1-2 for YOLOX-s): when it zooms in, the warp
+reads only the top-left part of the mosaic, and often no pixel of one to three of the other three
+images. :func:`partners` (called by ``FastMultiImageMixDataset`` to load a ``FastMosaic``'s
+partners) draws the mosaic's and the affine's random numbers ahead, on a copy of numpy's random
+state (both transforms draw from ``numpy.random`` and nothing draws in between), works out the
+part of the mosaic the warp reads (the output's corners mapped back, a margin for the bilinear
+neighbours), and for a partner whose pasted rectangle lies outside it loads the annotations but
+not the pixels: a zero image of the size its JPEG frame header gives. Its boxes are the same
+(they need only its size); its pixels are never read. Only where the pipeline is exactly
+``FastMosaic`` then ``RandomAffine`` (neither skipped), the inner dataset only loads (mmengine's
+``BaseDataset``, ``LoadImageFromFile`` with defaults and ``LoadAnnotations`` for boxes), and
+the image is a JPEG whose frame header gives its size and without an Exif block (OpenCV turns
+images by their Exif orientation); anything else is decoded as before. A corrupt image that is
+never shown is not noticed, where mmdet's decode would fail on it.
 
 Measured alternatives, kept out because they cannot give mmdet's pixels or gain too little:
 MixUp's float64 jitter resize goes through Intel IPP inside OpenCV (``cv2.ipp.useIPP()``), whose
@@ -24,6 +41,7 @@ import functools
 from typing import Any
 
 import cv2
+import mmengine
 import numpy as np
 from mmdet.datasets.transforms import transforms as mmdet_transforms
 from mmdet.registry import TRANSFORMS
@@ -94,3 +112,142 @@ class FastRandomAffine(mmdet_transforms.RandomAffine):
 
 
 fast_transforms.register(mmdet_transforms.RandomAffine, FastRandomAffine)
+
+
+# ---------------------------------------------------------------------------------------------
+# Mosaic partners the warp never reads
+
+
+def partners(wrapper: Any, transform: Any, indexes: list[int], take: Any) -> list[dict]:
+    """The samples ``transform`` (a mixing transform of ``wrapper``'s pipeline) mixes in: those of
+    ``indexes`` loaded, a ``FastMosaic``'s partners that the following warp never reads without pixels."""
+    shown = shown_region(wrapper, transform)
+    if shown is None:
+        return [take(wrapper.dataset[index]) for index in indexes]
+    return [
+        partner(wrapper.dataset, transform, index, loc, shown, take) for index, loc in zip(indexes, LOCS, strict=True)
+    ]
+
+
+LOCS = fast_transforms.MOSAIC_LOCATIONS[1:]  # where the three partners go
+
+
+def partner(dataset: Any, mosaic: Any, index: int, loc: str, shown: Any, take: Any) -> dict:
+    results = dataset.get_data_info(index)
+    load = dataset.pipeline.transforms[0]
+    shape = jpeg_size(mmengine.fileio.get(results["img_path"], backend_args=load.backend_args))
+    if shape is None or (shown != "none" and pasted_where_read(mosaic, loc, shape, shown)):
+        return take(dataset[index])
+    results["img"] = np.zeros((*shape, 3), dtype=np.uint8)  # never read: untouched zero pages cost nothing
+    results["img_shape"] = results["ori_shape"] = shape
+    for t in dataset.pipeline.transforms[1:]:
+        results = t(results)
+    SKIPPED["decodes"] += 1
+    return results
+
+
+SKIPPED = {"decodes": 0}  # partners not decoded in this process (for the tests and the bench)
+
+
+def pasted_where_read(mosaic: Any, loc: str, shape: tuple[int, int], shown: tuple[int, int, int, int]) -> bool:
+    """Whether the partner of ``shape`` (height, width) pasted at ``loc`` overlaps ``shown`` (x1, y1, x2, y2)."""
+    center, (width, height) = shown[4:], mosaic.img_scale
+    scale = min(height / shape[0], width / shape[1])
+    size = (int(shape[1] * scale), int(shape[0] * scale))
+    (x1, y1, x2, y2), _ = mosaic._mosaic_combine(loc, center, size)
+    return x1 < x2 and y1 < y2 and x1 < shown[2] and x2 > shown[0] and y1 < shown[3] and y2 > shown[1]
+
+
+def shown_region(wrapper: Any, mosaic: Any) -> Any:
+    """The mosaic's part (x1, y1, x2, y2, centre x, centre y) that the next transform's warp reads,
+    ``"none"`` where the mosaic will not be made, None where this cannot be worked out ahead."""
+    steps = list(wrapper.pipeline)
+    if type(mosaic) is not fast_transforms.FastMosaic or not lazy_loading(wrapper.dataset):
+        return None
+    at = next((i for i, t in enumerate(steps) if t is mosaic), None)
+    if (
+        at is None
+        or at + 1 >= len(steps)
+        or type(steps[at + 1]) not in (FastRandomAffine, mmdet_transforms.RandomAffine)
+    ):
+        return None
+    skipped = wrapper._skip_type_keys or ()
+    if wrapper.pipeline_types[at + 1] in skipped:
+        return None
+    affine = steps[at + 1]
+    width, height = mosaic.img_scale
+    state = np.random.get_state()
+    try:  # the draws of FastMosaic.transform and RandomAffine.transform, in their order
+        if np.random.uniform(0, 1) > mosaic.prob:
+            return "none"
+        center = (
+            int(np.random.uniform(*mosaic.center_ratio_range) * width),
+            int(np.random.uniform(*mosaic.center_ratio_range) * height),
+        )
+        out_h, out_w = int(height * 2) + affine.border[1] * 2, int(width * 2) + affine.border[0] * 2
+        matrix = affine._get_random_homography_matrix(out_h, out_w)
+    finally:
+        np.random.set_state(state)
+    if out_h <= 0 or out_w <= 0 or not np.array_equal(matrix[2], AFFINE_ROW):
+        return None
+    return (*read_region(matrix, out_w, out_h), *center)
+
+
+def read_region(matrix: np.ndarray, out_w: int, out_h: int, margin: int = 3) -> tuple[int, int, int, int]:
+    """The source pixels (x1, y1, x2, y2; ends excluded) a bilinear warp by ``matrix`` to ``out_w`` x
+    ``out_h`` can read: the output's corners mapped back, widened by ``margin`` for the neighbours
+    and OpenCV's fixed-point rounding (1/32 pixel)."""
+    inverse = np.linalg.inv(matrix.astype(np.float64))
+    corners = np.array([[0, 0, 1], [out_w - 1, 0, 1], [0, out_h - 1, 1], [out_w - 1, out_h - 1, 1]], dtype=np.float64)
+    xs, ys = (inverse @ corners.T)[:2]
+    return (
+        int(np.floor(xs.min())) - margin,
+        int(np.floor(ys.min())) - margin,
+        int(np.ceil(xs.max())) + margin + 1,
+        int(np.ceil(ys.max())) + margin + 1,
+    )
+
+
+def lazy_loading(dataset: Any) -> bool:
+    """Whether ``dataset[i]`` is mmengine's annotations through ``LoadImageFromFile`` (defaults: colour,
+    OpenCV, no file client), then only ``LoadAnnotations`` (or its fast version) for boxes."""
+    from mmcv.transforms import LoadImageFromFile
+    from mmdet.datasets.transforms import LoadAnnotations
+
+    if not fast_transforms.fresh_samples(dataset):
+        return False
+    first, *rest = dataset.pipeline.transforms
+    plain = type(first) is LoadImageFromFile and first.file_client_args is None and not first.to_float32
+    plain = plain and first.color_type == "color" and first.imdecode_backend == "cv2"
+    annotations = (LoadAnnotations, fast_transforms.FAST.get(LoadAnnotations))
+    return plain and all(type(t) in annotations and not (t.with_mask or t.with_seg) for t in rest)
+
+
+def jpeg_size(data: bytes) -> tuple[int, int] | None:
+    """(height, width) from a JPEG's frame header; None for anything else, and for a JPEG with an Exif
+    block (OpenCV's decode turns the image by its orientation)."""
+    if data[:2] != b"\xff\xd8":
+        return None
+    pos, size = 2, None
+    while pos + 4 <= len(data):
+        if data[pos] != 0xFF:
+            return None
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker == 0xDA:  # start of scan: every header block has been seen
+            return size
+        length = int.from_bytes(data[pos + 2 : pos + 4], "big")
+        if marker == 0xE1 and data[pos + 4 : pos + 10] == b"Exif\x00\x00":
+            return None
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC) and pos + 9 <= len(data):
+            height, width = (
+                int.from_bytes(data[pos + 5 : pos + 7], "big"),
+                int.from_bytes(data[pos + 7 : pos + 9], "big"),
+            )
+            size = (height, width) if height and width else None
+            if size is None:
+                return None
+        pos += 2 + length
+    return None
