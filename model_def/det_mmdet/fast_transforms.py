@@ -17,8 +17,9 @@ mmdet's own ``get_indexes`` and ``_get_hsv_gains``), and outputs equal bit for b
     YOLOXHSVRandomAug    the hue/saturation/value shifts by lookup tables instead of int16 arrays,
                          only for the channels whose gain is not zero
     PackDetInputs        the image made channels-first by ``cv2.split`` instead of torch's permute
-    Resize, RandomFlip   bitmap masks resized / mirrored by the same OpenCV calls into one array
-                         (``BitmapMasks`` copies every result twice, once more in its ``__init__``)
+    Resize, RandomFlip   bitmap masks resized / mirrored into one array (``BitmapMasks`` copies every
+                         result twice, once more in its ``__init__``); uint8 ones only where their
+                         nonzero boxes go (``mask_fast``, which also has ``LoadAnnotations``)
     Pad, Resize          an image that ``RandomFlip`` left as a reversed view is copied back by
                          ``cv2.flip`` first: OpenCV's binding would copy it through numpy, 30x slower
 
