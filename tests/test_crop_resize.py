@@ -126,10 +126,18 @@ def test_resize_then_crop_equals_mmdet(resize, crop, masks, monkeypatch):
     assert kept >= len(SEEDS) // 3  # crops that keep a box (the rest: both give None alike)
 
 
-@pytest.mark.parametrize("ratio", [0.0, np.inf])
-def test_both_ways_to_the_window_give_mmdets_pixels(monkeypatch, ratio):
-    """The window by numpy (ratio 0) and OpenCV's whole resize then the window (ratio inf)."""
+def test_this_opencv_is_emulated_exactly():
+    """The once-per-process check passes with the pinned OpenCV (else every image is resized whole)."""
+    C.window_matches_opencv.cache_clear()
+    assert C.window_matches_opencv() is True
+
+
+@pytest.mark.parametrize("ratio, checked", [(0.0, True), (np.inf, True), (0.0, False)])
+def test_both_ways_to_the_window_give_mmdets_pixels(monkeypatch, ratio, checked):
+    """The window by numpy (ratio 0) and OpenCV's whole resize then the window (ratio inf, or an
+    OpenCV whose arithmetic the check found different)."""
     monkeypatch.setattr(C, "NUMPY_FROM_AREA_RATIO", ratio)
+    monkeypatch.setattr(C, "window_matches_opencv", lambda: checked)
     slow, fast = pipelines(dict(scale=(128, 128), ratio_range=(0.5, 2.0), keep_ratio=True), dict(crop_size=(64, 64)))
     rng = np.random.default_rng(3)
     for seed in SEEDS:

@@ -14,9 +14,12 @@ The window's pixels are OpenCV's, bit for bit: :func:`resized_window` does in nu
 source positions ``(d + 0.5) * src / dst - 0.5`` in float32, 11-bit fixed-point weights, the
 horizontal pass in int32 (columns clamped to the border, rows clamped by index only), then the
 vertical pass as OpenCV's vector code does it (``((h0 >> 4) * b0 >> 16) + ((h1 >> 4) * b1 >> 16)``,
-rounded by 2 bits); an exact halving (OpenCV's area path) gives the same numbers. Where the resized
-image is small (numpy's passes cost more than OpenCV's whole resize) OpenCV resizes the whole image
-and the window is cut from it, as mmdet's ``RandomCrop`` would.
+rounded by 2 bits); an exact halving (OpenCV's area path) gives the same numbers. That is OpenCV 5's
+arithmetic: once per process :func:`window_matches_opencv` checks it against the installed OpenCV on
+a few sizes, and where they differ (another build) every image is resized whole by OpenCV. Where the
+resized image is not much larger than the window (numpy's passes then cost more than OpenCV's whole
+resize, see bench/crop_resize.py) OpenCV resizes the whole image too and the window is cut from it,
+as mmdet's ``RandomCrop`` would.
 
 Anything else (a lone ``RandomResize``, not 3-channel uint8 images, other interpolations or the
 Pillow backend, a slice that is not a plain window) runs mmdet's code or resizes the whole image.
@@ -24,6 +27,8 @@ Pillow backend, a slice that is not a plain window) runs mmdet's code or resizes
 
 from __future__ import annotations
 
+import functools
+import logging
 from typing import Any
 
 import cv2
@@ -35,11 +40,12 @@ from mmdet.registry import TRANSFORMS
 
 from det_mmdet import fast_transforms
 
+logger = logging.getLogger(__name__)
 COEF_BITS = 11  # OpenCV's INTER_RESIZE_COEF_BITS
 ONE = np.float32(1 << COEF_BITS)
-# numpy's window costs about as much as OpenCV resizing this many windows' worth of pixels (measured
-# with bench/crop_resize.py); below it OpenCV's whole resize is the cheaper way to the same bits.
-NUMPY_FROM_AREA_RATIO = 7.0
+# numpy's window costs about as much as OpenCV resizing this many windows' worth of pixels (about 1.4x
+# of a 1280 px mosaic, measured with bench/crop_resize.py); below it OpenCV's whole resize is cheaper.
+NUMPY_FROM_AREA_RATIO = 8.0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -107,6 +113,29 @@ def resized_window(img: np.ndarray, size: tuple[int, int], top: int, left: int, 
     return out.astype(np.uint8).reshape(rows, cols, cn)
 
 
+@functools.lru_cache(maxsize=1)
+def window_matches_opencv() -> bool:
+    """Whether :func:`resized_window` gives this OpenCV's bits (checked once per process on a few sizes).
+
+    The arithmetic above is OpenCV 5's; another build (e.g. a 4.x whose vector code leaves a scalar
+    tail, which rounds differently) may differ. Then the whole image is resized by OpenCV instead.
+    """
+    rng = np.random.default_rng(0)
+    for (h, w), (width, height) in PROBES:
+        img = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        full = cv2.resize(img, (width, height), interpolation=cv2.INTER_LINEAR)
+        top, left = height // 5, width // 7
+        window = resized_window(img, (width, height), top, left, height - top, width - left)
+        if not np.array_equal(window, full[top:, left:]):
+            logger.warning("OpenCV %s resizes otherwise than %s: whole images resized", cv2.__version__, __name__)
+            return False
+    return True
+
+
+# (source (h, w), target (w, h)): up, down, halving, odd widths (vector tails), mixed directions
+PROBES = (((37, 53), (91, 70)), ((64, 64), (32, 32)), ((50, 77), (29, 133)), ((96, 96), (203, 197)), ((31, 7), (5, 61)))
+
+
 class ResizedLater:
     """The image ``cv2.resize(src, size)`` would give, made only where it is sliced.
 
@@ -134,7 +163,8 @@ class ResizedLater:
             return self.full()[key]
         (top, bottom), (left, right) = window
         rows, cols = bottom - top, right - left
-        if rows <= 0 or cols <= 0 or self.shape[0] * self.shape[1] < NUMPY_FROM_AREA_RATIO * rows * cols:
+        small = self.shape[0] * self.shape[1] < NUMPY_FROM_AREA_RATIO * rows * cols
+        if rows <= 0 or cols <= 0 or small or not window_matches_opencv():
             return self.full()[top:bottom, left:right]
         return resized_window(self.src, self.size, top, left, rows, cols)
 
