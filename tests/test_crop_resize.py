@@ -204,8 +204,11 @@ def test_pipeline_switch_hook_gets_the_fused_pair():
 # ---- a built dataset -------------------------------------------------------------------------
 
 
-def test_rtmdet_like_dataset_yields_the_same_samples_either_way(tiny_coco):
-    """Mosaic -> RandomResize -> RandomCrop -> ... -> PackDetInputs, built as the trial builds it."""
+@pytest.mark.parametrize("ratio", [0.0, C.NUMPY_FROM_AREA_RATIO])
+def test_rtmdet_like_dataset_yields_the_same_samples_either_way(tiny_coco, monkeypatch, ratio):
+    """Mosaic -> RandomResize -> RandomCrop -> ... -> PackDetInputs, built as the trial builds it
+    (every window by numpy, or as the cost rule chooses)."""
+    monkeypatch.setattr(C, "NUMPY_FROM_AREA_RATIO", ratio)
     init_default_scope("mmdet")
     steps = [dict(cfg, crop_size=(96, 96)) if cfg["type"] == "RandomCrop" else cfg for cfg in RTMDET_LIKE]
     cfg = coco_cfg(tiny_coco, steps)
