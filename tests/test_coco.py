@@ -207,6 +207,7 @@ def test_an_unknown_coco_backend_in_the_experiment_is_one_line(tmp_path, shapes)
 
 def test_ground_truth_from_the_data_samples_when_there_is_no_ann_file(synthetic):
     """No ann_file: CocoMetric converts the samples' instances to COCO; both backends score them like mmdet."""
+    import torch
     from mmdet.evaluation.metrics import CocoMetric
 
     ann, pkl = synthetic
@@ -228,3 +229,48 @@ def test_ground_truth_from_the_data_samples_when_there_is_no_ann_file(synthetic)
     assert 0.05 < scored["mmdet"]["bbox_mAP"] < 0.95
     for backend in coco.BACKENDS:
         assert {k: scored[backend][k] for k in scored["mmdet"]} == scored["mmdet"], backend
+
+
+def test_only_the_slot_that_scores_reads_the_annotation_file(tmp_path, synthetic):
+    """A metric that only processes batches (every slot but the chief) never reads ann_file; the chief
+    reads it when it scores, with mmdet's numbers; a missing file is one line when the metric is built."""
+    import torch
+    from mmdet.evaluation.metrics import CocoMetric
+
+    ann, pkl = synthetic
+    results = pickle.loads(pkl.read_bytes())
+    metric = coco.FastCocoMetric(str(ann), "bbox", backend="hotcoco")  # positional, as CocoMetric takes them
+    metric.dataset_meta = {"classes": CLASSES}
+    assert metric._coco_api._coco is None  # built: not read
+    gt, pred = results[0]
+    instances = {k: torch.from_numpy(pred[k]) for k in ("bboxes", "scores", "labels")}
+    sample = {"img_id": gt["img_id"], "ori_shape": (gt["height"], gt["width"]), "pred_instances": instances}
+    metric.process({}, [sample])
+    assert metric._coco_api._coco is None and "anns" not in metric.results[0][0]  # processed: still not read
+    with contextlib.redirect_stdout(io.StringIO()):
+        ours = metric.compute_metrics(results)
+        reference = CocoMetric(ann_file=str(ann), metric="bbox")
+        reference.dataset_meta = {"classes": CLASSES}
+        theirs = reference.compute_metrics(pickle.loads(pkl.read_bytes()))
+    assert {k: ours[k] for k in theirs} == theirs and metric._coco_api._coco is not None
+
+    with pytest.raises(UserError, match=r"^val_evaluator.ann_file: .*missing.json does not exist$"):
+        coco.FastCocoMetric(ann_file=str(tmp_path / "missing.json"))
+
+
+def test_sort_categories_sorts_the_lazily_read_ground_truth(tmp_path):
+    """objects365's files list categories out of order; CocoMetric sorts them where asked, and so do we."""
+    from mmdet.evaluation.metrics import CocoMetric
+
+    data = json.loads(tiny_ground_truth(tmp_path).read_text())
+    data["categories"] = data["categories"][::-1]
+    path = tmp_path / "unsorted.json"
+    path.write_text(json.dumps(data))
+    for sort in (False, True):
+        with contextlib.redirect_stdout(io.StringIO()):
+            theirs = CocoMetric(ann_file=str(path), sort_categories=sort)._coco_api
+        ours = coco.FastCocoMetric(ann_file=str(path), sort_categories=sort)._coco_api
+        assert list(ours.cats) == list(theirs.cats) and ours.dataset["categories"] == theirs.dataset["categories"]
+        assert ours.get_cat_ids(cat_names=["cat", "traffic light"]) == theirs.get_cat_ids(
+            cat_names=["cat", "traffic light"]
+        )

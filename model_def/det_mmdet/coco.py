@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import gc
+import inspect
 import json
 import os.path as osp
 import re
@@ -38,6 +39,7 @@ from typing import Any
 import numpy as np
 from mmdet.datasets.api_wrappers import COCO
 from mmdet.evaluation.metrics import CocoMetric, LVISMetric
+from mmengine import fileio
 
 from det_mmdet import logs
 from det_mmdet.errors import UserError
@@ -376,8 +378,14 @@ class FastCocoMetric(CocoMetric):
     """mmdet's CocoMetric, scored through ``backend`` (hotcoco, faster-coco-eval or pycocotools)."""
 
     def __init__(self, *args: Any, backend: str = DEFAULT_BACKEND, **kwargs: Any) -> None:
-        with logs.chatter(), collector_paused():  # pycocotools' "loading annotations into memory..."
-            super().__init__(*args, **kwargs)
+        settings = inspect.signature(CocoMetric.__init__).bind(self, *args, **kwargs).arguments
+        settings.pop("self")
+        ann_file = settings.pop("ann_file", None)
+        super().__init__(**settings)
+        if ann_file is not None:  # read where it is first used: the slot that scores
+            if not fileio.exists(ann_file, backend_args=self.backend_args):
+                raise UserError(f"val_evaluator.ann_file: {ann_file} does not exist")
+            self._coco_api = GroundTruthFile(ann_file, self.backend_args, settings.get("sort_categories", False))
         self.backend = check_backend(backend, "val_evaluator.backend")
         for item in self.metric_items or ():
             if item not in NAMES:
@@ -484,6 +492,37 @@ class FastCocoMetric(CocoMetric):
         if self._gt is None or self._gt_source is not source:
             self._gt, self._gt_source = ground_truth(source, self.backend), source
         return self._gt
+
+
+class GroundTruthFile:
+    """mmdet's ``COCO`` over a metric's ``ann_file``, read on first use (``CocoMetric.__init__`` reads it
+    at once, in every slot).
+
+    Only the chief scores. The other slots' metrics only ask whether there is an annotation file
+    (``CocoMetric.process`` keeps each image's ground-truth instances when there is none), so they
+    never read it: at COCO-val size that is a few hundred MB less in every other slot of a node.
+    Every other attribute is the loaded ``COCO``'s, categories sorted where ``sort_categories`` asks.
+    """
+
+    def __init__(self, path: str, backend_args: dict | None, sort_categories: bool) -> None:
+        self._path, self._backend_args, self._sort = path, backend_args, sort_categories
+        self._coco: COCO | None = None
+
+    def loaded(self) -> COCO:
+        if self._coco is None:
+            with fileio.get_local_path(self._path, backend_args=self._backend_args) as local, logs.chatter():
+                with collector_paused():  # pycocotools' "loading annotations into memory..."
+                    coco = COCO(local)
+            if self._sort:  # as CocoMetric does (objects365's category lists are out of order)
+                coco.cats = {i: coco.cats[i] for i in sorted(coco.cats)}
+                coco.dataset["categories"] = sorted(coco.dataset["categories"], key=lambda c: c["id"])
+            self._coco = coco
+        return self._coco
+
+    def __getattr__(self, name: str) -> Any:  # only for names this object does not have itself
+        if name.startswith("__") or name in ("_coco", "_path", "_backend_args", "_sort"):
+            raise AttributeError(name)  # copy and pickle probe dunders on a bare instance
+        return getattr(self.loaded(), name)
 
 
 def without_masks(sample: dict) -> dict:
