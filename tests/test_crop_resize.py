@@ -162,6 +162,12 @@ def test_other_images_and_settings_run_mmdets_code():
             compare(slow, fast, results, seed)
 
 
+def test_an_empty_size_fails_as_mmdets_does():
+    slow, fast = pipelines(dict(scale=(4, 4), ratio_range=(0.1, 0.1), keep_ratio=True), dict(crop_size=(2, 2)))
+    results = sample(np.random.default_rng(6), 60, 60, 2)
+    assert compare(slow, fast, results, 0) == "raised error"  # cv2.error: OpenCV refuses an empty size
+
+
 def test_only_a_resize_right_before_a_crop_is_fused():
     init_default_scope("mmdet")
     resize = dict(type="RandomResize", scale=(64, 64), ratio_range=(0.5, 2.0), keep_ratio=True)

@@ -197,6 +197,8 @@ class DeferringResize(mmdet_transforms.Resize):
             size = mmcv.rescale_size((w, h), results["scale"])
         else:
             size = tuple(results["scale"])
+        if not all(isinstance(v, int) and v > 0 for v in size):
+            return super()._resize_img(results)  # OpenCV's own refusal, as mmdet meets it
         results["img"] = ResizedLater(img, (int(size[0]), int(size[1])))
         results["img_shape"] = (int(size[1]), int(size[0]))
         results["scale_factor"] = (size[0] / w, size[1] / h)
