@@ -106,13 +106,15 @@ def encoded(img: np.ndarray, **pillow) -> bytes:
     return out.getvalue()
 
 
-def exif_rotated() -> bytes:
-    """Exif data that tells readers to turn the image (orientation 6: 90 degrees clockwise)."""
+def exif(orientation: int | None) -> bytes:
+    """Exif data with an orientation (6: turn 90 degrees clockwise, 3: half round), or with none."""
     from PIL import Image
 
-    exif = Image.Exif()
-    exif[0x0112] = 6
-    return exif.tobytes()
+    data = Image.Exif()
+    data[0x010F] = "camera"  # a maker: a directory with more than the orientation in it
+    if orientation is not None:
+        data[0x0112] = orientation
+    return data.tobytes()
 
 
 def test_jpeg_size_is_the_decoded_size_or_none():
@@ -123,12 +125,20 @@ def test_jpeg_size_is_the_decoded_size_or_none():
         cv2.imencode(".jpg", img[..., 0])[1].tobytes(),  # grayscale: decoded as 3 channels, same size
         encoded(img, progressive=True),
         encoded(img, optimize=True),
+        encoded(img, exif=exif(None)),
+        encoded(img, exif=exif(1)),
+        encoded(img, exif=exif(3)),  # turned half round: the same size
     ):
         decoded = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
         assert Y.jpeg_size(data) == decoded.shape[:2] == (37, 53)
-    turned = encoded(img, exif=exif_rotated())
+    turned = encoded(img, exif=exif(6))
     assert cv2.imdecode(np.frombuffer(turned, np.uint8), cv2.IMREAD_COLOR).shape[:2] == (53, 37)  # why: None
     assert Y.jpeg_size(turned) is None
+    plain = cv2.imencode(".jpg", img)[1].tobytes()
+    xmp = b"http://ns.adobe.com/xap/1.0/\x00<x:xmpmeta/>"
+    xmp_first = plain[:2] + b"\xff\xe1" + (len(xmp) + 2).to_bytes(2, "big") + xmp + plain[2:]
+    assert cv2.imdecode(np.frombuffer(xmp_first, np.uint8), cv2.IMREAD_COLOR).shape[:2] == (37, 53)
+    assert Y.jpeg_size(xmp_first) is None  # a first APP1 block that is not Exif: OpenCV would parse it as Exif
     assert Y.jpeg_size(cv2.imencode(".png", img)[1].tobytes()) is None
     assert Y.jpeg_size(cv2.imencode(".jpg", img)[1].tobytes()[:100]) is None  # cut before its frame header
     assert Y.jpeg_size(b"") is None
@@ -142,7 +152,7 @@ def turned_coco(tiny_coco, tmp_path_factory):
     root = tmp_path_factory.mktemp("turned_coco")
     shutil.copytree(tiny_coco, root, dirs_exist_ok=True)
     first = sorted((root / "train").glob("*.jpg"))[0]
-    first.write_bytes(encoded(cv2.imread(str(first)), exif=exif_rotated()))
+    first.write_bytes(encoded(cv2.imread(str(first)), exif=exif(6)))
     return root
 
 
