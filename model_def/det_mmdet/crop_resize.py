@@ -43,9 +43,9 @@ from det_mmdet import fast_transforms
 logger = logging.getLogger(__name__)
 COEF_BITS = 11  # OpenCV's INTER_RESIZE_COEF_BITS
 ONE = np.float32(1 << COEF_BITS)
-# numpy's window costs about as much as OpenCV resizing this many windows' worth of pixels (about 1.4x
+# numpy's window costs about as much as OpenCV resizing this many windows' worth of pixels (about 1.5x
 # of a 1280 px mosaic, measured with bench/crop_resize.py); below it OpenCV's whole resize is cheaper.
-NUMPY_FROM_AREA_RATIO = 8.0
+NUMPY_FROM_AREA_RATIO = 9.0
 
 
 # ---------------------------------------------------------------------------------------------
