@@ -440,11 +440,11 @@ class FastCachedMosaic(MosaicPixels, mmdet_transforms.CachedMosaic):
 
 @TRANSFORMS.register_module(name="FastYOLOXHSVRandomAug", force=True)
 class FastYOLOXHSVRandomAug(mmdet_transforms.YOLOXHSVRandomAug):
-    """mmdet's ``YOLOXHSVRandomAug``: the channels shifted through one 3-channel lookup table.
+    """mmdet's ``YOLOXHSVRandomAug``: each shifted channel through a lookup table, the others left alone.
 
     mmdet shifts all three channels in int16 arrays. A zero gain (half of them: mmdet multiplies the
-    gains by ``randint(0, 2)``) changes nothing (its table is ``h % 180`` or ``clip(s + 0)``), so all
-    zero gains skip the table. The HSV round trip itself stays, as it changes the image.
+    gains by ``randint(0, 2)``) changes nothing: OpenCV's 8-bit hue is at most 179, so ``h % 180`` is
+    ``h``; ``clip(s + 0)`` is ``s``. The HSV round trip itself stays, as it changes the image.
     """
 
     LEVELS = np.arange(256, dtype=np.int16)
@@ -456,12 +456,12 @@ class FastYOLOXHSVRandomAug(mmdet_transforms.YOLOXHSVRandomAug):
         gains = self._get_hsv_gains()
         hsv = cv2.cvtColor(img, cv2.COLOR_BGR2HSV)
         if gains.any():
-            # one 3-channel table, one LUT call: twice as fast as splitting, one LUT per channel, merging
-            table = np.empty((256, 1, 3), dtype=np.uint8)
-            shifted = self.LEVELS[:, None] + gains.astype(np.int16)
-            table[:, 0, 0] = shifted[:, 0] % 180
-            table[:, 0, 1:] = np.clip(shifted[:, 1:], 0, 255)
-            hsv = cv2.LUT(hsv, table)
+            planes = list(cv2.split(hsv))
+            for channel in np.flatnonzero(gains):
+                shifted = self.LEVELS + gains[channel]
+                table = shifted % 180 if channel == 0 else np.clip(shifted, 0, 255)
+                planes[channel] = cv2.LUT(planes[channel], table.astype(np.uint8))
+            hsv = cv2.merge(planes)
         cv2.cvtColor(hsv, cv2.COLOR_HSV2BGR, dst=img)  # in place, as mmdet's
         results["img"] = img
         return results
