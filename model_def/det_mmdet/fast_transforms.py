@@ -123,12 +123,6 @@ def half_sum(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return out
 
 
-def truncated(window: np.ndarray) -> np.ndarray:
-    """``window`` as uint8, float values truncated as mmdet's assignment into a uint8 image does (order C:
-    numpy's default K order is 3x slower on a window of a larger array)."""
-    return window if window.dtype == np.uint8 else window.astype(np.uint8, order="C")
-
-
 def resized(img: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """``mmcv.imresize(img, size)``; an image already of that size is returned as is (OpenCV copies it)."""
     if size == (img.shape[1], img.shape[0]) and mmcv.image.geometric.imread_backend == "cv2":
@@ -182,10 +176,10 @@ class MixUpPixels:
         rows, cols = max(0, min(target_h, origin_h - y_offset)), max(0, min(target_w, origin_w - x_offset))
         if is_flip:  # the window of the mirrored canvas, mirrored by OpenCV (numpy is slow on reversed views)
             inside = canvas[y_offset : y_offset + rows, origin_w - x_offset - cols : origin_w - x_offset]
-            inside = truncated(inside)
+            inside = inside.astype(np.uint8, copy=False)  # float64 values truncate as mmdet's assignment does
             inside = cv2.flip(inside, 1) if inside.size else inside
         else:
-            inside = truncated(canvas[y_offset : y_offset + rows, x_offset : x_offset + cols])
+            inside = canvas[y_offset : y_offset + rows, x_offset : x_offset + cols].astype(np.uint8, copy=False)
         if (rows, cols) == (target_h, target_w):
             return inside, x_offset, y_offset
         window = filled((target_h, target_w, 3), pad)
