@@ -207,7 +207,6 @@ def test_an_unknown_coco_backend_in_the_experiment_is_one_line(tmp_path, shapes)
 
 def test_ground_truth_from_the_data_samples_when_there_is_no_ann_file(synthetic):
     """No ann_file: CocoMetric converts the samples' instances to COCO; both backends score them like mmdet."""
-    import torch
     from mmdet.evaluation.metrics import CocoMetric
 
     ann, pkl = synthetic
