@@ -108,17 +108,18 @@ def test_partners_the_warp_never_reads_are_not_decoded_and_samples_stay_the_same
     cfg = dict(type="MultiImageMixDataset", dataset=coco_cfg(turned_coco, loads), pipeline=pipeline)
     if variant == "affine_skipped":
         cfg["skip_type_keys"] = ["RandomAffine"]
-    Y.SKIPPED["decodes"] = 0
+    Y.SKIPPED.update(decodes=0, canvases=0)
     ours, fast_names = samples(cfg, True, count=36)
-    skipped = Y.SKIPPED["decodes"]
+    skipped, parts = Y.SKIPPED["decodes"], Y.SKIPPED["canvases"]
     theirs, slow_names = samples(cfg, False, count=36)
     assert_same(theirs, ours)
     assert {"FastMultiImageMixDataset", "FastMosaic"} <= set(fast_names)
     assert not any(n.startswith("Fast") for n in slow_names)  # data.fast_transforms: false gives mmdet's own
     if variant in ("affine_skipped", "not_loading_only"):
-        assert skipped == 0
+        assert skipped == parts == 0
     else:
         assert skipped >= 10, skipped  # a third of the 108 partners or so
+        assert parts >= 5, parts  # mosaics made only where the warp reads
 
 
 def test_the_warp_reads_nothing_outside_read_region():

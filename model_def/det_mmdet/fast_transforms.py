@@ -341,10 +341,14 @@ class MosaicPixels:
             scale_i = min(height / h_i, width / w_i)
             img_i = resized(patch["img"], (int(w_i * scale_i), int(h_i * scale_i)))
             pieces.append((patch, scale_i, img_i, *self._mosaic_combine(loc, center, img_i.shape[:2][::-1])))
-        canvas = mosaic_canvas(shape, self.pad_val, img.dtype, center, [piece[3] for piece in pieces])
+        canvas = yolox_fast.shown_canvas(self, shape, img.dtype, pieces)  # only what the next warp reads, pasted
+        pasted = canvas is not None
+        if not pasted:
+            canvas = mosaic_canvas(shape, self.pad_val, img.dtype, center, [piece[3] for piece in pieces])
         all_boxes, labels, flags, masks = [], [], [], []
         for patch, scale_i, img_i, (x1_p, y1_p, x2_p, y2_p), (x1_c, y1_c, x2_c, y2_c) in pieces:
-            canvas[y1_p:y2_p, x1_p:x2_p] = img_i[y1_c:y2_c, x1_c:x2_c]
+            if not pasted:
+                canvas[y1_p:y2_p, x1_p:x2_p] = img_i[y1_c:y2_c, x1_c:x2_c]
             padw, padh = x1_p - x1_c, y1_p - y1_c
             boxes = patch["gt_bboxes"].clone()
             boxes.rescale_([scale_i, scale_i])

@@ -49,8 +49,11 @@ def partners(wrapper: Any, transform: Any, indexes: list[int], take: Any) -> lis
     """The samples ``transform`` (a mixing transform of ``wrapper``'s pipeline) mixes in: those of
     ``indexes`` loaded, a ``FastMosaic``'s partners that the following warp never reads without pixels."""
     shown = shown_region(wrapper, transform)
+    transform.__dict__.pop("shown_hint", None)
     if shown is None:
         return [take(wrapper.dataset[index]) for index in indexes]
+    if shown != "none":
+        transform.shown_hint = shown[6:]  # (numpy's random state after the mosaic's draws, the part read)
     return [
         partner(wrapper.dataset, transform, index, loc, shown, take) for index, loc in zip(indexes, LOCS, strict=True)
     ]
@@ -73,12 +76,12 @@ def partner(dataset: Any, mosaic: Any, index: int, loc: str, shown: Any, take: A
     return results
 
 
-SKIPPED = {"decodes": 0}  # partners not decoded in this process (for the tests and the bench)
+SKIPPED = {"decodes": 0, "canvases": 0}  # partners not decoded, mosaics made in part (tests, bench)
 
 
 def pasted_where_read(mosaic: Any, loc: str, shape: tuple[int, int], shown: tuple[int, int, int, int]) -> bool:
     """Whether the partner of ``shape`` (height, width) pasted at ``loc`` overlaps ``shown`` (x1, y1, x2, y2)."""
-    center, (width, height) = shown[4:], mosaic.img_scale
+    center, (width, height) = shown[4:6], mosaic.img_scale
     scale = min(height / shape[0], width / shape[1])
     size = (int(shape[1] * scale), int(shape[0] * scale))
     (x1, y1, x2, y2), _ = mosaic._mosaic_combine(loc, center, size)
@@ -86,8 +89,9 @@ def pasted_where_read(mosaic: Any, loc: str, shape: tuple[int, int], shown: tupl
 
 
 def shown_region(wrapper: Any, mosaic: Any) -> Any:
-    """The mosaic's part (x1, y1, x2, y2, centre x, centre y) that the next transform's warp reads,
-    ``"none"`` where the mosaic will not be made, None where this cannot be worked out ahead."""
+    """The mosaic's part (x1, y1, x2, y2, centre x, centre y, numpy's random state after the mosaic's
+    draws, the part again) that the next transform's warp reads, ``"none"`` where the mosaic will not
+    be made, None where this cannot be worked out ahead."""
     steps = list(wrapper.pipeline)
     if type(mosaic) is not fast_transforms.FastMosaic or not lazy_loading(wrapper.dataset):
         return None
@@ -107,13 +111,15 @@ def shown_region(wrapper: Any, mosaic: Any) -> Any:
             int(np.random.uniform(*mosaic.center_ratio_range) * width),
             int(np.random.uniform(*mosaic.center_ratio_range) * height),
         )
+        drawn = np.random.get_state()  # where FastMosaic will be after its draws
         out_h, out_w = int(height * 2) + affine.border[1] * 2, int(width * 2) + affine.border[0] * 2
         matrix = affine._get_random_homography_matrix(out_h, out_w)
     finally:
         np.random.set_state(state)
     if out_h <= 0 or out_w <= 0 or not np.array_equal(matrix[2], AFFINE_ROW):
         return None
-    return (*read_region(matrix, out_w, out_h), *center)
+    region = read_region(matrix, out_w, out_h)
+    return (*region, *center, drawn, region)
 
 
 def read_region(matrix: np.ndarray, out_w: int, out_h: int, margin: int = 3) -> tuple[int, int, int, int]:
@@ -200,3 +206,31 @@ def exif_keeps_size(block: bytes) -> bool:
             )
             return (kind, n) == (3, 1) and 1 <= int.from_bytes(tiff[entry + 8 : entry + 10], order) <= 4
     return True
+
+
+def shown_canvas(mosaic: Any, shape: tuple[int, ...], dtype: Any, pieces: list) -> np.ndarray | None:
+    """A mosaic canvas made only where the next warp reads it: the pad colour there, the pieces'
+    pixels pasted there (the rest left as allocated; the warp never reads it). For a ``FastMosaic``
+    whose :func:`partners` worked out that part for this very call (numpy's random state is where it
+    was foreseen after the mosaic's draws) and where the part is under half the canvas; else None."""
+    hint = mosaic.__dict__.pop("shown_hint", None)
+    if hint is None or len(shape) != 3 or not same_state(hint[0], np.random.get_state()):
+        return None
+    x1, y1, x2, y2 = hint[1]
+    x1, y1, x2, y2 = max(x1, 0), max(y1, 0), min(x2, shape[1]), min(y2, shape[0])
+    if max(x2 - x1, 0) * max(y2 - y1, 0) * 2 > shape[0] * shape[1]:
+        return None
+    canvas = np.empty(shape, dtype=dtype)
+    canvas[y1:y2, x1:x2] = mosaic.pad_val
+    for _, _, img, (px1, py1, px2, py2), (cx1, cy1, _, _) in pieces:
+        left, top, right, bottom = max(px1, x1), max(py1, y1), min(px2, x2), min(py2, y2)
+        if left < right and top < bottom:
+            rows, cols = slice(cy1 + top - py1, cy1 + bottom - py1), slice(cx1 + left - px1, cx1 + right - px1)
+            canvas[top:bottom, left:right] = img[rows, cols]
+    SKIPPED["canvases"] += 1
+    return canvas
+
+
+def same_state(a: tuple, b: tuple) -> bool:
+    """Whether two ``numpy.random.get_state()`` tuples are the same state."""
+    return a[0] == b[0] and a[2:] == b[2:] and np.array_equal(a[1], b[1])
