@@ -1,5 +1,5 @@
 """YOLOX's pipeline faster with the same outputs: mosaic partners that the affine warp never shows
-are not decoded.
+are not decoded, and the mosaic is made only where the warp reads it.
 
 YOLOX warps its 2x-sized mosaic with a random affine matrix that
 scales about the canvas's top-left corner (scale 0.1-2 for YOLOX-s): when it zooms in, the warp
@@ -15,7 +15,9 @@ not the pixels: a zero image of the size its JPEG frame header gives. Its boxes 
 ``BaseDataset``, ``LoadImageFromFile`` with defaults and ``LoadAnnotations`` for boxes), and
 the image is a JPEG whose frame header gives its size (no Exif block, or one whose orientation
 keeps the size: OpenCV turns images by it); anything else is decoded as before. A corrupt image
-that is never shown is not noticed, where mmdet's decode would fail on it.
+that is never shown is not noticed, where mmdet's decode would fail on it. Where that part is under
+half the mosaic, :func:`shown_canvas` has ``FastMosaic`` fill and paste only inside it (checked to
+be the call foreseen: numpy's random state is where the look ahead left it after the mosaic's draws).
 
 Measured alternatives, kept out because they cannot give mmdet's pixels or gain too little:
 ``cv2.warpAffine`` on the first two rows of ``RandomAffine``'s matrix (its last row is exactly
