@@ -12,8 +12,20 @@ import pytest
 from mmdet.datasets.transforms import transforms as T
 from mmengine.registry import init_default_scope
 
+from det_mmdet import fast_transforms as F
 from det_mmdet import yolox_fast as Y
-from test_fast_transforms import YOLOX_LIKE, assert_same, coco_cfg, photo, samples, tiny_coco
+from test_fast_transforms import (
+    YOLOX_LIKE,
+    assert_same,
+    coco_cfg,
+    compare,
+    mirrored,
+    pair,
+    photo,
+    sample,
+    samples,
+    tiny_coco,
+)
 
 __all__ = ["tiny_coco"]  # the fixture, shared with test_fast_transforms
 
@@ -139,3 +151,17 @@ def test_the_warp_reads_nothing_outside_read_region():
         assert_same(wanted, cv2.warpPerspective(scribbled, matrix, dsize=(640, 640), borderValue=(114, 114, 114)))
         partial += x2 < 1280 or y2 < 1280
     assert partial >= 4  # zoomed in: a part of the mosaic only
+
+
+@pytest.mark.parametrize("masks", [None, "bitmap", "polygon"])
+def test_resize_of_an_image_already_at_its_size_equals_mmdet(masks):
+    """YOLOX's Resize after RandomAffine: the image is kept (OpenCV would copy it), all else as mmdet's."""
+    slow, fast = pair(T.Resize, F.FastResize, scale=(64, 64), keep_ratio=True)
+    rng = np.random.default_rng(17)
+    kept = 0
+    for seed in range(16):
+        h, w = [(64, 64), (48, 64), (64, 40), (30, 30)][seed % 4]  # the last one is resized
+        results = mirrored(rng, sample(rng, h, w, int(rng.integers(0, 4)), masks), seed)
+        kept += F.is_color_uint8(results["img"]) and F.at_size(results["img"], (64, 64))
+        compare(slow, fast, results, seed)
+    assert kept >= 6  # (float and one-channel images: mmdet's code)

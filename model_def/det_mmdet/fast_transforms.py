@@ -514,8 +514,13 @@ class FastResize(mmdet_transforms.Resize):
     without the two copies ``BitmapMasks.rescale`` makes."""
 
     def _resize_img(self, results: dict) -> None:
-        if results.get("img", None) is not None:
-            results["img"] = unmirrored(results["img"])
+        img = results.get("img", None)
+        if img is not None:
+            results["img"] = img = unmirrored(img)
+            if self.keep_ratio and self.backend == "cv2" and is_color_uint8(img) and at_size(img, results["scale"]):
+                # YOLOX's 640x640 after RandomAffine: OpenCV would return a copy, the same values
+                results.update(img_shape=img.shape[:2], scale_factor=(1.0, 1.0), keep_ratio=True)
+                return
         super()._resize_img(results)
 
     def _resize_masks(self, results: dict) -> None:
@@ -524,6 +529,11 @@ class FastResize(mmdet_transforms.Resize):
             results["gt_masks"] = rescaled_bitmaps(masks, results["scale"])
         else:
             super()._resize_masks(results)
+
+
+def at_size(img: np.ndarray, scale: Any) -> bool:
+    """Whether ``mmcv.imrescale(img, scale)`` keeps ``img``'s size."""
+    return tuple(mmcv.rescale_size(img.shape[1::-1], scale)) == img.shape[1::-1]
 
 
 @TRANSFORMS.register_module(name="FastRandomFlip", force=True)
