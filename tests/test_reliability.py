@@ -20,6 +20,18 @@ def weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return torch.load(newest_checkpoint(run_dir / "checkpoints") / "model.pth", weights_only=True)["state_dict"]
 
 
+def test_a_checkpoint_still_being_written_is_not_read(tmp_path):
+    """A local run writes under ``.partial-<id>`` and renames; a reader polling meanwhile (``--resume``
+    after a kill, this file's kill test) must skip the half-written one, not parse its empty metadata."""
+    checkpoints = tmp_path / "checkpoints"
+    for name, metadata in (("a", '{"steps_completed": 4}'), (".partial-b", "")):
+        (checkpoints / name).mkdir(parents=True)
+        (checkpoints / name / "state_dict.pth").write_bytes(b"")
+        (checkpoints / name / "metadata.json").write_text(metadata)
+    assert newest_checkpoint(checkpoints) == checkpoints / "a"
+    assert not is_complete(checkpoints / ".partial-b")
+
+
 def test_kill_9_then_resume_reaches_the_same_weights(tmp_path, shapes):
     exp = write_experiment(tmp_path, shapes_hparams(shapes))
     common = ["--max-batches", 16, "--checkpoint-period", 2, "--validation-period", 16]

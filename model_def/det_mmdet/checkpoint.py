@@ -18,6 +18,8 @@ from determined import pytorch
 
 from det_mmdet.config import pretty_text
 
+PARTIAL = ".partial-"  # where local runs write a checkpoint before renaming it (det_mmdet.local)
+
 logger = logging.getLogger("det_mmdet")
 
 MODEL_FILE = "model.pth"
@@ -110,7 +112,10 @@ class ExportOnCheckpoint(pytorch.PyTorchCallback):
 
 
 def is_complete(directory: Path) -> bool:
-    """Determined writes ``metadata.json`` last, after the trial's own files."""
+    """Determined writes ``metadata.json`` last, after the trial's own files; a local run writes the
+    whole checkpoint under a ``.partial-`` name first (``local.PARTIAL``), whose files may be half written."""
+    if directory.name.startswith(PARTIAL):
+        return False
     return (directory / "metadata.json").is_file() and (directory / "state_dict.pth").is_file()
 
 

@@ -22,11 +22,10 @@ from typing import Any
 from determined import core, pytorch
 from determined.common.storage import SharedFSStorageManager
 
+from det_mmdet.checkpoint import PARTIAL
 from det_mmdet.config import CONTEXT_DIR
 
 logger = logging.getLogger("det_mmdet")
-
-PARTIAL = ".partial-"
 
 
 class AtomicStorage(SharedFSStorageManager):
