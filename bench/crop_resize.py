@@ -22,6 +22,7 @@ import sys
 import time
 from pathlib import Path
 
+import choices
 import cv2
 import numpy as np
 
@@ -86,10 +87,7 @@ def main() -> None:
     p.add_argument("--points", type=int, default=16, help="ratios per case, evenly spread over its range")
     p.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, of: {', '.join(CASES)}")
     args = p.parse_args()
-    chosen = [c.strip() for c in args.cases.split(",") if c.strip()]
-    unknown = [c for c in chosen if c not in CASES]
-    if unknown:
-        sys.exit(f"error: --cases: unknown {', '.join(unknown)} (choose from {', '.join(CASES)})")
+    chosen = choices.chosen(args.cases, CASES, "--cases")
     cv2.setNumThreads(1)
     print(
         f"median of {args.repeats} alternating runs of {args.calls} calls; OpenCV {cv2.__version__} on one thread; "

@@ -27,6 +27,7 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+import choices
 import cv2
 import numpy as np
 import torch
@@ -286,10 +287,7 @@ def main() -> None:
     p.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated, of: {', '.join(CONFIGS)}")
     p.add_argument("--top", type=int, default=5, help="transforms named per row")
     args = p.parse_args()
-    chosen = [c.strip() for c in args.configs.split(",") if c.strip()]
-    unknown = [c for c in chosen if c not in CONFIGS]
-    if unknown:
-        sys.exit(f"error: --configs: unknown {', '.join(unknown)} (choose from {', '.join(CONFIGS)})")
+    chosen = choices.chosen(args.configs, CONFIGS, "--configs")
 
     torch.set_num_threads(1)
     cv2.setNumThreads(1)
