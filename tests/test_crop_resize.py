@@ -20,7 +20,17 @@ from mmengine.registry import init_default_scope
 
 from det_mmdet import crop_resize as C
 from det_mmdet import fast_transforms as F
-from test_fast_transforms import RTMDET_LIKE, assert_same, coco_cfg, compare, photo, sample, samples, tiny_coco
+from test_fast_transforms import (
+    MIXUP_LEVELS,
+    RTMDET_LIKE,
+    assert_same,
+    coco_cfg,
+    compare,
+    photo,
+    sample,
+    samples,
+    tiny_coco,
+)
 
 __all__ = ["tiny_coco"]  # the module-scoped fixture, shared
 
@@ -59,6 +69,53 @@ def test_window_of_a_mosaic_as_rtmdet_resizes_it(size):
     for top, left in ((0, 0), (size - 640, size - 640), ((size - 640) // 3, (size - 640) // 2)):
         got = C.resized_window(img, (size, size), top, left, 640, 640)
         assert np.array_equal(got, full[top : top + 640, left : left + 640])
+
+
+def test_part_resize_is_opencvs_whole_resize_bit_for_bit():
+    """OpenCV resizing only the top-left part that the first rows x cols read, at the whole image's scale."""
+    rng = np.random.default_rng(3)
+    cv2.setNumThreads(1)
+    assert C.prefix_matches_opencv()
+    parts = 0
+    for case in range(300):
+        h, w = (int(v) for v in rng.integers(2, 400, 2))
+        if case % 5 == 0:  # exact halvings (OpenCV's area path) and equal sizes
+            width, height = (max(1, w // 2), max(1, h // 2)) if case % 10 == 0 else (w, h)
+        else:
+            width, height = (max(1, int(v * rng.uniform(0.3, 2.5))) for v in (w, h))
+        img = photo(rng, h, w) if case % 2 and min(h, w) > 8 else rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        rows, cols = int(rng.integers(1, height + 1)), int(rng.integers(1, width + 1))
+        full = cv2.resize(img, (width, height), interpolation=cv2.INTER_LINEAR)
+        got = C.resized_prefix(img, (width, height), rows, cols)
+        parts += got.shape != full.shape
+        assert np.array_equal(got[:rows, :cols], full[:rows, :cols]), f"{(h, w)} -> {(height, width)}, {rows}x{cols}"
+    assert parts > 200  # most cases resized a part only
+
+
+@pytest.mark.parametrize("flip", [False, True])
+def test_mixup_jitter_resize_is_within_one_level_of_mmdets(flip):
+    """YOLOX's MixUp: a 640x640 canvas (a photo and the pad colour) jittered 0.8x..1.6x in float64 (mmdet)
+    against float32 on the part the 640x640 crop reads (ours): at most one level apart, on few values."""
+    rng = np.random.default_rng(7 + flip)
+    apart = values = 0
+    for _ in range(12):
+        canvas = np.full((640, 640, 3), 114, np.uint8)
+        h, w = (480, 640) if rng.random() < 0.7 else (640, 480)
+        canvas[:h, :w] = photo(rng, h, w)
+        size = (int(640 * rng.uniform(0.8, 1.6)),) * 2
+        expected = cv2.resize(canvas.astype(np.float64), size).astype(np.uint8)  # mmdet's canvas, truncated
+        top, left = (int(rng.integers(0, max(size[0] - 640, 0) + 1)) for _ in range(2))
+        rows = cols = min(640, size[0])
+        if flip:  # MixUpPixels._window slices the mirrored canvas's window out of the unmirrored one
+            key = (slice(top, top + rows), slice(size[0] - left - cols, size[0] - left))
+        else:
+            key = (slice(top, top + rows), slice(left, left + cols))
+        got = C.TruncatedLater(canvas, size)[key]
+        assert got.dtype == np.uint8 and got.shape == expected[key].shape
+        difference = np.abs(got.astype(np.int16) - expected[key])
+        assert difference.max() <= MIXUP_LEVELS
+        apart, values = apart + np.count_nonzero(difference), values + difference.size
+    assert apart <= 0.001 * values, f"{apart} of {values} values one level apart"
 
 
 def test_resized_later_slices_as_the_resized_image():

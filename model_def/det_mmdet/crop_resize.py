@@ -113,6 +113,52 @@ def resized_window(img: np.ndarray, size: tuple[int, int], top: int, left: int, 
     return out.astype(np.uint8).reshape(rows, cols, cn)
 
 
+def resized_prefix(img: np.ndarray, size: tuple[int, int], rows: int, cols: int) -> np.ndarray:
+    """At least the first ``rows`` x ``cols`` of ``cv2.resize(img, size)``, bit for bit: OpenCV resizing
+    only the top-left part of ``img`` those outputs read, at the whole image's scale.
+
+    Given ``fx``/``fy`` instead of a size, OpenCV keeps them as its inverse scales, which equal the
+    whole resize's (``width / w`` is the same division), so every output position, weight and vector
+    step is the same; only outputs whose neighbours lie beyond the part would differ (clamped at its
+    edge), and the part reaches two source pixels past the last output's. Where that is not certain
+    (a build that differs, checked once per process by :func:`prefix_matches_opencv`) or no part is
+    saved, the whole image is resized.
+    """
+    part = _resized_part(img, size, rows, cols) if prefix_matches_opencv() else None
+    return cv2.resize(img, size, interpolation=cv2.INTER_LINEAR) if part is None else part
+
+
+def _resized_part(img: np.ndarray, size: tuple[int, int], rows: int, cols: int) -> np.ndarray | None:
+    """OpenCV's resize of the top-left part that outputs ``[:rows, :cols]`` read; None where that is the
+    whole image, or where OpenCV would copy the part (resized to its own size) instead of resizing it."""
+    h, w = img.shape[:2]
+    width, height = size
+    last_x, _ = _positions(w, width, cols - 1, 1)
+    last_y, _ = _positions(h, height, rows - 1, 1)
+    part_w, part_h = min(w, int(last_x[0]) + 3), min(h, int(last_y[0]) + 3)
+    fx, fy = width / w, height / h
+    out_w, out_h = round(part_w * fx), round(part_h * fy)  # OpenCV's output size (it rounds half to even too)
+    if (part_w, part_h) == (w, h) or (out_w, out_h) == (part_w, part_h) or out_w < cols or out_h < rows:
+        return None
+    return cv2.resize(img[:part_h, :part_w], None, fx=fx, fy=fy, interpolation=cv2.INTER_LINEAR)
+
+
+@functools.lru_cache(maxsize=1)
+def prefix_matches_opencv() -> bool:
+    """Whether :func:`_resized_part` gives OpenCV's whole-image bits (checked once per process on
+    :data:`PROBES` and a halving; where it does not, whole images are resized)."""
+    rng = np.random.default_rng(1)
+    for (h, w), (width, height) in (*PROBES, ((96, 130), (65, 48))):
+        img = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        full = cv2.resize(img, (width, height), interpolation=cv2.INTER_LINEAR)
+        rows, cols = max(1, height * 2 // 3), max(1, width * 3 // 5)
+        part = _resized_part(img, (width, height), rows, cols)
+        if part is not None and not np.array_equal(part[:rows, :cols], full[:rows, :cols]):
+            logger.warning("OpenCV %s resizes a part otherwise than the whole: whole images resized", cv2.__version__)
+            return False
+    return True
+
+
 @functools.lru_cache(maxsize=1)
 def window_matches_opencv() -> bool:
     """Whether :func:`resized_window` gives this OpenCV's bits (checked once per process on a few sizes).
@@ -163,10 +209,50 @@ class ResizedLater:
             return self.full()[key]
         (top, bottom), (left, right) = window
         rows, cols = bottom - top, right - left
-        small = self.shape[0] * self.shape[1] < NUMPY_FROM_AREA_RATIO * rows * cols
-        if rows <= 0 or cols <= 0 or small or not window_matches_opencv():
+        if rows <= 0 or cols <= 0:
             return self.full()[top:bottom, left:right]
+        if bottom * right < NUMPY_FROM_AREA_RATIO * rows * cols or not window_matches_opencv():
+            return resized_prefix(self.src, self.size, bottom, right)[top:bottom, left:right]
         return resized_window(self.src, self.size, top, left, rows, cols)
+
+
+class TruncatedLater:
+    """MixUp's jitter resize of a uint8 canvas (mmdet: in float64, values truncated to uint8 where pasted),
+    made only where sliced: OpenCV resizes the top-left part that the slice reads, in float32.
+
+    This is the one fused resample that does not give mmdet's bits: OpenCV sends mmdet's float64
+    resize through Intel IPP, whose values no cheaper resize reproduces. Positions and scale are the
+    whole resize's (as in :func:`resized_prefix`); float32 against float64 moves a value across a whole
+    number, and so its truncation by one level, on about 0.01% of the values (bench/README.md;
+    ``tests/test_crop_resize.py`` asserts at most one level on under 0.5%). Slices return uint8.
+    """
+
+    dtype = np.dtype(np.float64)
+    ndim = 3
+
+    def __init__(self, src: np.ndarray, size: tuple[int, int]) -> None:
+        self.src, self.size = src, size
+        self.shape = (size[1], size[0], src.shape[2])
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        window = _window(key, self.shape)
+        if window is None:
+            return self._resized(self.src)[key].astype(np.uint8)
+        (top, bottom), (left, right) = window
+        if bottom <= top or right <= left:
+            return np.empty((max(bottom - top, 0), max(right - left, 0), self.shape[2]), np.uint8)
+        h, w = self.src.shape[:2]
+        last_x, _ = _positions(w, self.size[0], right - 1, 1)
+        last_y, _ = _positions(h, self.size[1], bottom - 1, 1)
+        part = self.src[: min(h, int(last_y[0]) + 3), : min(w, int(last_x[0]) + 3)]
+        out = self._resized(part)
+        if out.shape[0] < bottom or out.shape[1] < right:  # rounding left the part short: all of it
+            out = self._resized(self.src)
+        return out[top:bottom, left:right].astype(np.uint8)  # truncated, as mmdet's values pasted into uint8
+
+    def _resized(self, part: np.ndarray) -> np.ndarray:
+        fx, fy = self.size[0] / self.src.shape[1], self.size[1] / self.src.shape[0]
+        return cv2.resize(part.astype(np.float32), None, fx=fx, fy=fy, interpolation=cv2.INTER_LINEAR)
 
 
 def _window(key: Any, shape: tuple[int, ...]) -> tuple[tuple[int, int], tuple[int, int]] | None:

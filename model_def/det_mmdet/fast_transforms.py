@@ -156,8 +156,11 @@ class MixUpPixels:
         jittered_size = (int(width * jit_factor), int(height * jit_factor))
         if jittered_size != (width, height):
             # mmdet resizes its canvas in the canvas's own dtype (float64 or int64), values then truncated
-            # to uint8 where they are pasted; the same call on the same values here.
+            # to uint8 where they are pasted. A float64 canvas: in float32, only the part that the crop
+            # keeps, within one level of mmdet's (crop_resize.TruncatedLater); else the same call.
             canvas_dtype = (np.ones(1, dtype=retrieve_img.dtype) * self.pad_val).dtype
+            if canvas_dtype == np.float64 and mmcv.image.geometric.imread_backend == "cv2":
+                return crop_resize.TruncatedLater(canvas, jittered_size), scale_ratio * jit_factor
             canvas = mmcv.imresize(canvas.astype(canvas_dtype), jittered_size)
         return canvas, scale_ratio * jit_factor
 
