@@ -118,6 +118,24 @@ def test_mixup_jitter_resize_is_within_one_level_of_mmdets(flip):
     assert apart <= 0.001 * values, f"{apart} of {values} values one level apart"
 
 
+def test_mosaic_later_slices_as_the_whole_canvas():
+    """The pad colour where no piece goes, each piece's cut where it is pasted; any window of it."""
+    rng = np.random.default_rng(4)
+    pieces = []
+    for pasted in ((0, 0, 30, 20), (30, 5, 64, 20), (2, 20, 30, 48), (30, 20, 60, 41)):
+        x1, y1, x2, y2 = pasted
+        img = rng.integers(0, 256, (y2 - y1 + 7, x2 - x1 + 3, 3), dtype=np.uint8)
+        pieces.append((img, pasted, (3, 7, 3 + x2 - x1, 7 + y2 - y1)))
+    later = C.MosaicLater((48, 64, 3), np.uint8, np.array([114, 100, 90], np.uint8), pieces)
+    whole = np.empty((48, 64, 3), np.uint8)
+    whole[:] = (114, 100, 90)
+    for img, (x1, y1, x2, y2), (cx1, cy1, cx2, cy2) in pieces:
+        whole[y1:y2, x1:x2] = img[cy1:cy2, cx1:cx2]
+    assert np.array_equal(np.asarray(later), whole)
+    for key in [(slice(0, 10), slice(5, 40)), slice(13, 31), (slice(40, 90), slice(-9, None)), (slice(5, 5),), 7]:
+        assert_same(whole[key], later[key], f"later[{key}]")
+
+
 def test_resized_later_slices_as_the_resized_image():
     rng = np.random.default_rng(1)
     img = photo(rng, 40, 30)
@@ -272,6 +290,15 @@ def test_rtmdet_like_dataset_yields_the_same_samples_either_way(tiny_coco, monke
     """Mosaic -> RandomResize -> RandomCrop -> ... -> PackDetInputs, built as the trial builds it
     (every window by numpy, or as the cost rule chooses)."""
     monkeypatch.setattr(C, "NUMPY_FROM_AREA_RATIO", ratio)
+    made = []  # the parts of the mosaic canvases made: (rows, columns, the canvas's rows x columns)
+    whole_slice = C.MosaicLater.__getitem__
+
+    def made_where_read(self, key):
+        out = whole_slice(self, key)
+        made.append(out.shape[0] * out.shape[1] / (self.shape[0] * self.shape[1]))
+        return out
+
+    monkeypatch.setattr(C.MosaicLater, "__getitem__", made_where_read)
     init_default_scope("mmdet")
     steps = [dict(cfg, crop_size=(96, 96)) if cfg["type"] == "RandomCrop" else cfg for cfg in RTMDET_LIKE]
     cfg = coco_cfg(tiny_coco, steps)
@@ -279,6 +306,7 @@ def test_rtmdet_like_dataset_yields_the_same_samples_either_way(tiny_coco, monke
     theirs, slow_names = samples(cfg, False, count=30)
     assert "FastRandomResize" in fast_names and "FastRandomResize" not in slow_names
     assert_same(theirs, ours)
+    assert len(made) > 10 and min(made) < 0.5  # canvases made later, some only in part
     random.seed(0)  # (the module's seeds left as found)
     np.random.seed(0)
 

@@ -454,6 +454,57 @@ def test_built_dataset_yields_the_same_samples_either_way(tiny_coco, kind):
     assert swapped[kind] <= set(fast_names) and not any(n.startswith("Fast") for n in slow_names)
 
 
+class GivesUpOnce:
+    """Records the boxes it is given; on its first call assigns none to the sample and gives up (returns
+    None), then passes samples on: a retry must see the sample as it was."""
+
+    def __init__(self) -> None:
+        self.calls: list[np.ndarray] = []
+
+    def __call__(self, results: dict) -> dict | None:
+        self.calls.append(np.asarray(results["gt_bboxes"].tensor).copy())
+        if len(self.calls) == 1:
+            results["gt_bboxes"] = results["gt_bboxes"][:0]
+            return None
+        return results
+
+
+@pytest.mark.parametrize("empty", [False, True])
+def test_a_transform_that_gives_up_is_retried_on_the_sample_as_it_was(tiny_coco, empty):
+    """FilterAnnotations is handed a new dict, not a deep copy: where it gives up (no box left, keep_empty)
+    both wrappers fail alike; where it does not, the samples are the same and the next step sees them."""
+    init_default_scope("mmdet")
+    loads = [dict(type="LoadImageFromFile"), dict(type="LoadAnnotations", with_bbox=True)]
+    pipeline = [dict(step) for step in YOLOX_LIKE if step["type"] != "MixUp"]
+    pipeline[-2] = dict(type="FilterAnnotations", min_gt_bbox_wh=(1000, 1000) if empty else (1, 1), keep_empty=True)
+    cfg = dict(type="MultiImageMixDataset", dataset=coco_cfg(tiny_coco, loads), pipeline=pipeline, max_refetch=3)
+    outcomes = []
+    for fast in (False, True):
+        dataset = build_dataset(cfg, "train_dataloader.dataset", {"fast_transforms": fast})
+        random.seed(0)
+        np.random.seed(0)
+        try:
+            outcomes.append([dataset[i] for i in range(6)])
+        except RuntimeError as e:
+            outcomes.append(f"raised {type(e).__name__}")
+    if empty:
+        assert outcomes == ["raised RuntimeError"] * 2
+        return
+    assert isinstance(outcomes[0], list)
+    assert_same(*outcomes)
+    # the retry sees the sample as it was before the first try
+    dataset = build_dataset(cfg, "train_dataloader.dataset", {"fast_transforms": True})
+    recorder = GivesUpOnce()
+    F.GIVES_UP_FIRST.add(GivesUpOnce)
+    try:
+        dataset.pipeline.insert(2, recorder)
+        dataset.pipeline_types.insert(2, "GivesUpOnce")
+        dataset[0]
+    finally:
+        F.GIVES_UP_FIRST.discard(GivesUpOnce)
+    assert len(recorder.calls) == 2 and len(recorder.calls[0]) and np.array_equal(*recorder.calls)
+
+
 def test_yolox_mode_switch_still_skips_the_swapped_transforms(tiny_coco):
     """MultiImageMixDataset skips by config type (YOLOXModeSwitchHook): swapping must not hide them."""
     init_default_scope("mmdet")

@@ -125,7 +125,7 @@ def resized_prefix(img: np.ndarray, size: tuple[int, int], rows: int, cols: int)
     saved, the whole image is resized.
     """
     part = _resized_part(img, size, rows, cols) if prefix_matches_opencv() else None
-    return cv2.resize(img, size, interpolation=cv2.INTER_LINEAR) if part is None else part
+    return cv2.resize(np.asarray(img), size, interpolation=cv2.INTER_LINEAR) if part is None else part
 
 
 def _resized_part(img: np.ndarray, size: tuple[int, int], rows: int, cols: int) -> np.ndarray | None:
@@ -182,6 +182,48 @@ def window_matches_opencv() -> bool:
 PROBES = (((37, 53), (91, 70)), ((64, 64), (32, 32)), ((50, 77), (29, 133)), ((96, 96), (203, 197)), ((31, 7), (5, 61)))
 
 
+class MosaicLater:
+    """The mosaic canvas that ``FastCachedMosaic`` / ``FastMosaic`` would make (the pad colour, each
+    piece pasted), made only where sliced: what :class:`ResizedLater` reads of it for one window.
+
+    Stands in ``results["img"]`` between a mosaic and a :class:`FastRandomResize` that defers its resize
+    to a ``RandomCrop`` (:func:`link` marks such a mosaic); the pieces are only read.
+    """
+
+    ndim = 3
+
+    def __init__(self, shape: tuple[int, int, int], dtype: Any, pad: Any, pieces: list) -> None:
+        self.shape, self.dtype, self.pad, self.pieces = shape, np.dtype(dtype), pad, pieces
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        out = self[: self.shape[0], : self.shape[1]]
+        return out if dtype is None else out.astype(dtype)
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        window = _window(key if isinstance(key, tuple) else (key, slice(None)), self.shape)
+        if window is None:
+            return np.asarray(self)[key]
+        (top, bottom), (left, right) = window
+        out = fast_transforms.filled((bottom - top, right - left, self.shape[2]), self.pad)
+        for img, (px1, py1, px2, py2), (cx1, cy1, _, _) in self.pieces:
+            x1, y1, x2, y2 = max(px1, left), max(py1, top), min(px2, right), min(py2, bottom)
+            if x1 < x2 and y1 < y2:
+                out[y1 - top : y2 - top, x1 - left : x2 - left] = img[
+                    cy1 + y1 - py1 : cy1 + y2 - py1, cx1 + x1 - px1 : cx1 + x2 - px1
+                ]
+        return out
+
+
+def deferred_mosaic(mosaic: Any, shape: tuple[int, ...], dtype: Any, pieces: list) -> MosaicLater | None:
+    """A :class:`MosaicLater` for a mosaic that :func:`link` marked (uint8 colour pieces, a pad value that
+    is a whole colour); else None (the canvas is made whole)."""
+    pad = fast_transforms.uint8_pad(mosaic.pad_val)
+    ok = mosaic.__dict__.get("canvas_later") and pad is not None and len(shape) == 3 and np.dtype(dtype) == np.uint8
+    if not (ok and all(fast_transforms.is_color_uint8(piece[2]) for piece in pieces)):
+        return None
+    return MosaicLater(shape, dtype, pad, [(img, pasted, cut) for _, _, img, pasted, cut in pieces])
+
+
 class ResizedLater:
     """The image ``cv2.resize(src, size)`` would give, made only where it is sliced.
 
@@ -197,7 +239,7 @@ class ResizedLater:
         self.shape = (size[1], size[0], src.shape[2])
 
     def full(self) -> np.ndarray:
-        return cv2.resize(self.src, self.size, interpolation=cv2.INTER_LINEAR)
+        return cv2.resize(np.asarray(self.src), self.size, interpolation=cv2.INTER_LINEAR)
 
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
         out = self.full()
@@ -276,7 +318,8 @@ class DeferringResize(mmdet_transforms.Resize):
 
     def _resize_img(self, results: dict) -> None:
         img = results.get("img", None)
-        if not (self._deferrable(img) and fast_transforms.is_color_uint8(img)):
+        if not (self._deferrable(img) and (isinstance(img, MosaicLater) or fast_transforms.is_color_uint8(img))):
+            materialize(results)
             return super()._resize_img(results)
         h, w = img.shape[:2]
         if self.keep_ratio:  # mmcv.imrescale's size, then mmcv.imresize's
@@ -284,6 +327,7 @@ class DeferringResize(mmdet_transforms.Resize):
         else:
             size = tuple(results["scale"])
         if not all(isinstance(v, int) and v > 0 for v in size):
+            materialize(results)
             return super()._resize_img(results)  # OpenCV's own refusal, as mmdet meets it
         results["img"] = ResizedLater(img, (int(size[0]), int(size[1])))
         results["img_shape"] = (int(size[1]), int(size[0]))
@@ -292,7 +336,14 @@ class DeferringResize(mmdet_transforms.Resize):
 
     def _deferrable(self, img: Any) -> bool:
         backend = self.backend or mmcv.image.geometric.imread_backend
-        return self.interpolation == "bilinear" and backend == "cv2" and isinstance(img, np.ndarray) and img.size > 0
+        made = isinstance(img, MosaicLater) or (isinstance(img, np.ndarray) and img.size > 0)
+        return self.interpolation == "bilinear" and backend == "cv2" and made
+
+
+def materialize(results: dict) -> None:
+    """A :class:`MosaicLater` in ``results["img"]`` made whole, for code that needs the array."""
+    if isinstance(results.get("img"), MosaicLater):
+        results["img"] = np.asarray(results["img"])
 
 
 @TRANSFORMS.register_module(name="FastRandomResize", force=True)
@@ -302,6 +353,7 @@ class FastRandomResize(RandomResize):
     def transform(self, results: dict) -> dict:
         resize = self.resize
         if type(resize) not in (mmdet_transforms.Resize, fast_transforms.FAST.get(mmdet_transforms.Resize)):
+            materialize(results)
             return super().transform(results)
         results["scale"] = self._random_scale()
         resize.scale = results["scale"]
@@ -323,11 +375,14 @@ def croppers() -> tuple[type, ...]:
 
 def link(dataset: Any) -> None:
     """Each mmcv ``RandomResize`` right before a ``RandomCrop`` in a ``Compose`` becomes a :class:`FastRandomResize`."""
+    mosaics = tuple(fast_transforms.FAST[cls] for cls in (mmdet_transforms.Mosaic, mmdet_transforms.CachedMosaic))
     for compose in _composes(dataset):
         steps = compose.transforms
-        for first, second in zip(steps, steps[1:], strict=False):
+        for before, first, second in zip([None, *steps], steps, steps[1:], strict=False):
             if type(first) is RandomResize and type(second) in croppers():
                 first.__class__ = FastRandomResize
+                if type(before) in mosaics:  # its canvas made only where the window reads it
+                    before.canvas_later = True
 
 
 def link_config(pipeline: list[Any]) -> list[Any]:

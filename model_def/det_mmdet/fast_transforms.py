@@ -49,6 +49,7 @@ import numpy as np
 import torch
 from mmdet.datasets import MultiImageMixDataset
 from mmdet.datasets.transforms import formatting as mmdet_formatting
+from mmdet.datasets.transforms import loading as mmdet_loading
 from mmdet.datasets.transforms import transforms as mmdet_transforms
 from mmdet.registry import TRANSFORMS
 from mmdet.structures.bbox import BaseBoxes, autocast_box_type
@@ -345,6 +346,8 @@ class MosaicPixels:
             img_i = resized(patch["img"], (int(w_i * scale_i), int(h_i * scale_i)))
             pieces.append((patch, scale_i, img_i, *self._mosaic_combine(loc, center, img_i.shape[:2][::-1])))
         canvas = yolox_fast.shown_canvas(self, shape, img.dtype, pieces)  # only what the next warp reads, pasted
+        if canvas is None:  # made later, only where RandomCrop's window reads it
+            canvas = crop_resize.deferred_mosaic(self, shape, img.dtype, pieces)
         pasted = canvas is not None
         if not pasted:
             canvas = mosaic_canvas(shape, self.pad_val, img.dtype, center, [piece[3] for piece in pieces])
@@ -638,7 +641,7 @@ class FastMultiImageMixDataset(MultiImageMixDataset):
     mmengine's own ``BaseDataset`` has just made from its annotations is used as it is (nothing else
     holds it), and the copy before a transform is made (by :func:`copy_value`, the same values) only
     for transforms that can give up: not for those of :data:`NEVER_NONE`, whose results replace
-    the sample they were given.
+    the sample they were given, and only of the dict for those of :data:`GIVES_UP_FIRST`.
     """
 
     def __getitem__(self, idx):
@@ -658,9 +661,10 @@ class FastMultiImageMixDataset(MultiImageMixDataset):
                         break
                 else:
                     raise RuntimeError(f"{transform_type}: the inner dataset's pipeline returned None every time")
-            keep = type(transform) in NEVER_NONE
+            kind = type(transform)
+            given = (lambda r: r) if kind in NEVER_NONE else dict if kind in GIVES_UP_FIRST else copy_value
             for _ in range(self.max_refetch):
-                updated = transform(results if keep else copy_value(results))
+                updated = transform(given(results))
                 if updated is not None:
                     results = updated
                     break
@@ -712,6 +716,9 @@ NEVER_NONE = set(
         mmdet_formatting.PackDetInputs,
     }
 )
+# Transforms that give up (return None) before changing anything and otherwise only assign keys of the
+# sample they are given: a new dict of the same values keeps the sample as it was for a retry.
+GIVES_UP_FIRST = {mmdet_loading.FilterAnnotations}
 FAST_BY_NAME = {cls.__name__: fast for cls, fast in FAST.items()}
 # Fusers of neighbouring transforms, run after ``swap`` (given the dataset) and ``swap_pipeline`` (given
 # the config list, returning it); the modules imported at the end add theirs.
