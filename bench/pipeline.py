@@ -4,13 +4,13 @@ Makes photo-like 640x480 JPEGs (smooth colour fields, textures, shapes, sensor n
 portrait) and a COCO annotation file for them (COCO's 80 classes, about 7 polygon objects an image,
 some crowd), then builds the training dataset of each mmdet config below twice, from one config:
 as mmdet builds it, and with ``det_mmdet.fast_transforms.swap`` (what ``data.fast_transforms: true``
-does). One process, torch and OpenCV on one thread. The two are timed alternately, ``--repeats``
-times each over ``--samples`` samples, after a warm-up that fills the transforms' caches and whose
-samples, made from one seed, are compared (the "same samples" column: bit for bit, or, where
-MixUp's float64 jitter resize runs within one level of mmdet's, how many image values differ; all
-else must be equal); the table
-gives the median, the speed-up, and the exclusive milliseconds per transform (time inside a
-transform, less the time of transforms it calls, e.g. the decodes MixUp asks for).
+does). One process, torch and OpenCV on one thread. The two are timed ``--repeats`` times each over
+the same ``--samples`` samples, taking turns every ``--chunk`` samples, after a warm-up that fills the
+transforms' caches and whose samples, made from one seed, are compared (the "same samples" column:
+bit for bit, or, where MixUp's float64 jitter resize runs within one level of mmdet's, how many image
+values differ; all else must be equal); the table gives the median, the speed-up, and the exclusive
+milliseconds per transform (time inside a transform, less the time of transforms it calls, e.g. the
+decodes MixUp asks for).
 
     .venv/bin/python bench/pipeline.py [--images 200] [--samples 60] [--repeats 3] [--configs rtmdet_s,...]
 """
@@ -217,11 +217,24 @@ def measure(name: str, config: str, root: Path, args) -> dict:
     same = sameness(samples["mmdet"], samples["ours"])
     for _ in range(args.repeats):
         order = [rng.randrange(n) for _ in range(args.samples)]
-        for way, dataset in datasets.items():
-            clocks[way].ms.clear()
-            random.seed(1)
-            np.random.seed(1)
-            seconds[way].append(run(dataset, order, clocks[way]))
+        # Both make the same samples from the same random state, taking turns every --chunk samples (each
+        # one's state kept between its turns, who goes first swapped each turn), so that the machine's
+        # drifts in speed fall on both alike.
+        random.seed(1)
+        np.random.seed(1)
+        states = {way: (random.getstate(), np.random.get_state()) for way in datasets}
+        spent = dict.fromkeys(datasets, 0.0)
+        for clock in clocks.values():
+            clock.ms.clear()
+        for turn, start in enumerate(range(0, len(order), args.chunk)):
+            ways = list(datasets) if turn % 2 == 0 else list(datasets)[::-1]
+            for way in ways:
+                random.setstate(states[way][0])
+                np.random.set_state(states[way][1])
+                spent[way] += run(datasets[way], order[start : start + args.chunk], clocks[way])
+                states[way] = (random.getstate(), np.random.get_state())
+        for way in datasets:
+            seconds[way].append(spent[way])
             per_transform[way].append({k: v / args.samples for k, v in clocks[way].ms.items()})
     result = {"name": name, "config": config, "same": same}
     for way in datasets:
@@ -304,6 +317,7 @@ def main() -> None:
     p.add_argument("--samples", type=int, default=60, help="samples per timed run")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per implementation (median taken)")
     p.add_argument("--warmup", type=int, default=25, help="samples before timing (fills the caches)")
+    p.add_argument("--chunk", type=int, default=10, help="samples per turn (the two take turns)")
     p.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated, of: {', '.join(CONFIGS)}")
     p.add_argument("--top", type=int, default=5, help="transforms named per row")
     args = p.parse_args()
@@ -320,8 +334,8 @@ def main() -> None:
         results = [measure(*CONFIGS[c], root, args) for c in chosen]
     print(
         f"{args.images} photo-like JPEGs (640x480, 1 in 5 portrait), {args.samples} samples a run, median of "
-        f"{args.repeats} alternating runs; one process, torch/OpenCV threads 1; {platform.processor() or 'cpu'}, "
-        f"{os.cpu_count()} cores"
+        f"{args.repeats} runs, the two taking turns every {args.chunk} samples; one process, torch/OpenCV "
+        f"threads 1; {platform.processor() or 'cpu'}, {os.cpu_count()} cores"
     )
     print(table(results, args.top))
 
