@@ -7,19 +7,27 @@ bilinear resize) and then keep 640x640 of it (``RandomCrop``). Where a pipeline 
 everything but the image (boxes, masks, segmentation map, homography matrix, ``img_shape``,
 ``scale_factor``), leaving a :class:`ResizedLater` in ``results["img"]``: the resized image's shape,
 nothing computed. mmdet's own ``RandomCrop`` then draws its offsets from that shape (same draws)
-and slices it, which computes only the window.
+and slices it, which computes only what the window needs, bit for bit, in one of two ways:
 
-The window's pixels are OpenCV's, bit for bit: :func:`resized_window` does in numpy what OpenCV's
-``resize`` (``INTER_LINEAR``, 8-bit) does, on the source rows and columns the window needs:
-source positions ``(d + 0.5) * src / dst - 0.5`` in float32, 11-bit fixed-point weights, the
-horizontal pass in int32 (columns clamped to the border, rows clamped by index only), then the
-vertical pass as OpenCV's vector code does it (``((h0 >> 4) * b0 >> 16) + ((h1 >> 4) * b1 >> 16)``,
-rounded by 2 bits); an exact halving (OpenCV's area path) gives the same numbers. That is OpenCV 5's
-arithmetic: once per process :func:`window_matches_opencv` checks it against the installed OpenCV on
-a few sizes, and where they differ (another build) every image is resized whole by OpenCV. Where the
-resized image is not much larger than the window (numpy's passes then cost more than OpenCV's whole
-resize, see bench/crop_resize.py) OpenCV resizes the whole image too and the window is cut from it,
-as mmdet's ``RandomCrop`` would.
+- :func:`resized_prefix`: OpenCV resizes only the top-left part of the image that the window's
+  outputs read, at the whole image's scale (given as ``fx``/``fy``, which OpenCV keeps), so every
+  output position and weight is the whole resize's; checked once per process
+  (:func:`prefix_matches_opencv`). On average about half of the whole resize.
+- :func:`resized_window`: OpenCV's 8-bit bilinear arithmetic redone in numpy for the window alone
+  (source positions ``(d + 0.5) * src / dst - 0.5`` in float32, 11-bit fixed-point weights, the
+  horizontal pass in int32, the vertical pass as OpenCV's vector code does it); checked once per
+  process too (:func:`window_matches_opencv`). numpy costs about 9x OpenCV per output pixel, so it is
+  used only where that part would be over 9 windows big (a window far down and right at scale ~2).
+
+Where a ``Mosaic`` / ``CachedMosaic`` comes right before such a pair, its canvas is a
+:class:`MosaicLater` (the pad colour and the pasted pieces, made only where sliced), so only the part
+of the mosaic that the window reads is ever filled and pasted.
+
+MixUp's jitter resize is the same shape of work (resize a canvas, keep a crop of it) and uses the
+same part-only resize (:class:`TruncatedLater`); there mmdet resizes in float64, which this OpenCV
+sends through Intel IPP, whose values no cheaper resize reproduces: the part is resized in float32,
+within one level of mmdet's on about 0.01% of the values (the one place det-mmdet's pixels are not
+mmdet's bits; tests assert the bound).
 
 Anything else (a lone ``RandomResize``, not 3-channel uint8 images, other interpolations or the
 Pillow backend, a slice that is not a plain window) runs mmdet's code or resizes the whole image.
@@ -44,7 +52,7 @@ logger = logging.getLogger(__name__)
 COEF_BITS = 11  # OpenCV's INTER_RESIZE_COEF_BITS
 ONE = np.float32(1 << COEF_BITS)
 # numpy's window costs about as much as OpenCV resizing this many windows' worth of pixels (about 1.5x
-# of a 1280 px mosaic, measured with bench/crop_resize.py); below it OpenCV's whole resize is cheaper.
+# of a 1280 px mosaic, measured with bench/crop_resize.py); below it OpenCV's resize of the part is cheaper.
 NUMPY_FROM_AREA_RATIO = 9.0
 
 

@@ -8,10 +8,14 @@ mmdet's own ``get_indexes`` and ``_get_hsv_gains``), and outputs equal bit for b
                          ``np.ones * pad_val`` and blends in float32; ``trunc(0.5 a + 0.5 b)`` is
                          ``(a + b) >> 1`` exactly), only the crop window is built, no deep copy of the
                          mixed-in sample; MixUp learns which samples have boxes from the annotations
-                         instead of decoding an image (when the inner pipeline only loads)
+                         instead of decoding an image (when the inner pipeline only loads). The jitter
+                         resize of a float64 canvas is made in float32 on the part the crop keeps:
+                         within one level of mmdet's (``crop_resize.TruncatedLater``), the one
+                         exception to equal bits
     Mosaic, CachedMosaic no deep copies of the four samples (boxes are cloned, images only read), no
                          resize of an image already at its mosaic size (OpenCV copies those), the
-                         canvas filled only where no image goes
+                         canvas filled only where no image goes, and made only where the next step
+                         reads it (YOLOX's warp: ``yolox_fast``; RTMDet's crop: ``crop_resize``)
     the cached ones      cache copies of what they read back (image, boxes, labels, flags, masks),
                          not of the whole sample (mmdet's caches hold every polygon of ``instances``)
     YOLOXHSVRandomAug    the hue/saturation/value shifts by lookup tables instead of int16 arrays,
@@ -25,6 +29,9 @@ mmdet's own ``get_indexes`` and ``_get_hsv_gains``), and outputs equal bit for b
 
 ``MultiImageMixDataset`` (YOLOX's wrapper) deep-copies the whole sample before every transform;
 :class:`FastMultiImageMixDataset` copies only where a copy can make a difference.
+
+``FilterAnnotations`` in that wrapper is handed a new dict of the sample rather than a deep copy: it
+gives up (returns None) before it changes anything, and otherwise only assigns keys.
 
 Where the fast path cannot promise equal outputs (not 3-channel uint8 images, a pad value that is
 not a whole number in 0..255) the transform runs mmdet's code unchanged, decided before any draw.
