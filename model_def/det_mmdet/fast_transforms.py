@@ -59,7 +59,7 @@ from mmdet.datasets.transforms import formatting as mmdet_formatting
 from mmdet.datasets.transforms import loading as mmdet_loading
 from mmdet.datasets.transforms import transforms as mmdet_transforms
 from mmdet.registry import TRANSFORMS
-from mmdet.structures.bbox import BaseBoxes, autocast_box_type
+from mmdet.structures.bbox import BaseBoxes, HorizontalBoxes, autocast_box_type
 from mmdet.structures.mask import BitmapMasks
 
 from det_mmdet.errors import UserError
@@ -206,37 +206,60 @@ class MixUpPixels:
         origin_h, origin_w = canvas.shape[:2]
         target_h, target_w = ori_img.shape[:2]
         window, x_offset, y_offset = self._window(canvas, (target_h, target_w), is_flip)
+        window_at = (origin_h, origin_w, x_offset, y_offset, target_h, target_w)
 
-        boxes.rescale_([scale_ratio, scale_ratio])
         if with_mask:
             masks = retrieve["gt_masks"].rescale(scale_ratio)
-        if self.bbox_clip_border:
-            boxes.clip_([origin_h, origin_w])
-        if is_flip:
-            boxes.flip_([origin_h, origin_w], direction="horizontal")
-            if with_mask:
+            if is_flip:
                 masks = masks.flip()
-        moved = boxes.clone()
-        moved.translate_([-x_offset, -y_offset])
-        if with_mask:
             masks = masks.translate(out_shape=(target_h, target_w), offset=-x_offset, direction="horizontal")
             masks = masks.translate(out_shape=(target_h, target_w), offset=-y_offset, direction="vertical")
-        if self.bbox_clip_border:
-            moved.clip_([target_h, target_w])
-
-        all_boxes = moved.cat((results["gt_bboxes"], moved), dim=0)
+        if plain_boxes(boxes) and plain_boxes(results["gt_bboxes"]):
+            kept, inside = self._mixed_boxes_in_numpy(results["gt_bboxes"], boxes, scale_ratio, is_flip, window_at)
+        else:
+            boxes.rescale_([scale_ratio, scale_ratio])
+            if self.bbox_clip_border:
+                boxes.clip_([origin_h, origin_w])
+            if is_flip:
+                boxes.flip_([origin_h, origin_w], direction="horizontal")
+            moved = boxes.clone()
+            moved.translate_([-x_offset, -y_offset])
+            if self.bbox_clip_border:
+                moved.clip_([target_h, target_w])
+            all_boxes = moved.cat((results["gt_bboxes"], moved), dim=0)
+            inside = all_boxes.is_inside([target_h, target_w]).numpy()
+            kept = all_boxes[inside]
         labels = np.concatenate((results["gt_bboxes_labels"], retrieve["gt_bboxes_labels"]), axis=0)
         flags = np.concatenate((results["gt_ignore_flags"], retrieve["gt_ignore_flags"]), axis=0)
-        inside = all_boxes.is_inside([target_h, target_w]).numpy()
 
         results["img"] = half_sum(ori_img, window)
         results["img_shape"] = (target_h, target_w)
-        results["gt_bboxes"] = all_boxes[inside]
+        results["gt_bboxes"] = kept
         results["gt_bboxes_labels"] = labels[inside]
         results["gt_ignore_flags"] = flags[inside]
         if with_mask:
             results["gt_masks"] = masks.cat([results["gt_masks"], masks])[inside]
         return results
+
+    def _mixed_boxes_in_numpy(
+        self, own: HorizontalBoxes, boxes: HorizontalBoxes, scale: float, is_flip: bool, window_at: tuple
+    ) -> tuple[HorizontalBoxes, np.ndarray]:
+        """mmdet's box steps of the mix, each one float32 operation as in HorizontalBoxes, in numpy: the
+        kept boxes and which were kept. ``boxes`` (the mixed-in ones) end rescaled, clipped and mirrored,
+        as mmdet leaves them."""
+        origin_h, origin_w, x_offset, y_offset, target_h, target_w = window_at
+        mixed = boxes.tensor.numpy() * np.float32(scale)
+        if self.bbox_clip_border:
+            clip_boxes(mixed, (origin_h, origin_w))
+        if is_flip:
+            mixed[:, 0], mixed[:, 2] = origin_w - mixed[:, 2], origin_w - mixed[:, 0]
+        boxes.tensor = torch.from_numpy(mixed)
+        moved = mixed + np.array([-x_offset, -y_offset, -x_offset, -y_offset], dtype=np.float32)
+        if self.bbox_clip_border:
+            clip_boxes(moved, (target_h, target_w))
+        every = np.concatenate((own.tensor.numpy(), moved), 0)
+        inside = boxes_inside(every, (target_h, target_w))
+        return HorizontalBoxes(torch.from_numpy(every[inside]), clone=False), inside
 
 
 @TRANSFORMS.register_module(name="FastMixUp", force=True)
@@ -359,13 +382,18 @@ class MosaicPixels:
         if not pasted:
             canvas = mosaic_canvas(shape, self.pad_val, img.dtype, center, [piece[3] for piece in pieces])
         all_boxes, labels, flags, masks = [], [], [], []
+        in_numpy = all(plain_boxes(piece[0]["gt_bboxes"]) for piece in pieces)
         for patch, scale_i, img_i, (x1_p, y1_p, x2_p, y2_p), (x1_c, y1_c, x2_c, y2_c) in pieces:
             if not pasted:
                 canvas[y1_p:y2_p, x1_p:x2_p] = img_i[y1_c:y2_c, x1_c:x2_c]
             padw, padh = x1_p - x1_c, y1_p - y1_c
-            boxes = patch["gt_bboxes"].clone()
-            boxes.rescale_([scale_i, scale_i])
-            boxes.translate_([padw, padh])
+            if in_numpy:  # HorizontalBoxes' rescale_ and translate_, each one float32 operation, in numpy
+                boxes = patch["gt_bboxes"].tensor.numpy() * np.float32(scale_i)
+                boxes += np.array([padw, padh, padw, padh], dtype=np.float32)
+            else:
+                boxes = patch["gt_bboxes"].clone()
+                boxes.rescale_([scale_i, scale_i])
+                boxes.translate_([padw, padh])
             all_boxes.append(boxes)
             labels.append(patch["gt_bboxes_labels"])
             flags.append(patch["gt_ignore_flags"])
@@ -375,18 +403,43 @@ class MosaicPixels:
                 m = m.translate(out_shape=out_shape, offset=padw, direction="horizontal")
                 masks.append(m.translate(out_shape=out_shape, offset=padh, direction="vertical"))
 
-        boxes = all_boxes[0].cat(all_boxes, 0)
-        if self.bbox_clip_border:
-            boxes.clip_([2 * height, 2 * width])
-        inside = boxes.is_inside([2 * height, 2 * width]).numpy()
+        if in_numpy:
+            boxes = np.concatenate(all_boxes, 0)
+            if self.bbox_clip_border:
+                clip_boxes(boxes, (2 * height, 2 * width))
+            inside = boxes_inside(boxes, (2 * height, 2 * width))
+            kept = HorizontalBoxes(torch.from_numpy(boxes[inside]), clone=False)
+        else:
+            boxes = all_boxes[0].cat(all_boxes, 0)
+            if self.bbox_clip_border:
+                boxes.clip_([2 * height, 2 * width])
+            inside = boxes.is_inside([2 * height, 2 * width]).numpy()
+            kept = boxes[inside]
         results["img"] = canvas
         results["img_shape"] = canvas.shape[:2]
-        results["gt_bboxes"] = boxes[inside]
+        results["gt_bboxes"] = kept
         results["gt_bboxes_labels"] = np.concatenate(labels, 0)[inside]
         results["gt_ignore_flags"] = np.concatenate(flags, 0)[inside]
         if with_mask:
             results["gt_masks"] = masks[0].cat(masks)[inside]
         return results
+
+
+def plain_boxes(boxes: Any) -> bool:
+    """mmdet's ``HorizontalBoxes`` of float32 on the CPU: their arithmetic is redone in numpy, same bits."""
+    return type(boxes) is HorizontalBoxes and boxes.tensor.dtype == torch.float32 and boxes.tensor.device.type == "cpu"
+
+
+def clip_boxes(boxes: np.ndarray, img_shape: tuple[int, int]) -> None:
+    """``HorizontalBoxes.clip_`` on an (N, 4) float32 array, in place."""
+    np.clip(boxes[:, 0::2], 0, img_shape[1], out=boxes[:, 0::2])
+    np.clip(boxes[:, 1::2], 0, img_shape[0], out=boxes[:, 1::2])
+
+
+def boxes_inside(boxes: np.ndarray, img_shape: tuple[int, int]) -> np.ndarray:
+    """``HorizontalBoxes.is_inside`` (partly inside, no border) on an (N, 4) float32 array."""
+    h, w = img_shape
+    return (boxes[:, 0] < w) & (boxes[:, 1] < h) & (boxes[:, 2] > 0) & (boxes[:, 3] > 0)
 
 
 def mosaic_canvas(
