@@ -323,6 +323,8 @@ def main() -> None:
     p.add_argument("--one", nargs=2, metavar=("ROOT", "OUT"), help=argparse.SUPPRESS)  # a child: one config
     args = p.parse_args()
     chosen = choices.chosen(args.configs, CONFIGS, "--configs")
+    if args.chunk < 1:
+        sys.exit(f"error: --chunk: {args.chunk} (samples per turn, at least 1)")
 
     torch.set_num_threads(1)
     cv2.setNumThreads(1)

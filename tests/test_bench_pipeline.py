@@ -27,3 +27,11 @@ def test_pipeline_bench_names_an_unknown_config():
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode != 0
     assert proc.stderr.strip().splitlines()[-1].startswith("error: --configs: unknown detr (choose from rtmdet_s,")
+
+
+def test_pipeline_bench_refuses_an_empty_turn():
+    proc = subprocess.run(
+        [sys.executable, "bench/pipeline.py", "--chunk", "0"], cwd=ROOT, capture_output=True, text=True
+    )
+    assert proc.returncode != 0
+    assert proc.stderr.strip().splitlines() == ["error: --chunk: 0 (samples per turn, at least 1)"]

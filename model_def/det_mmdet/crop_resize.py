@@ -136,14 +136,20 @@ def resized_prefix(img: np.ndarray, size: tuple[int, int], rows: int, cols: int)
     return cv2.resize(np.asarray(img), size, interpolation=cv2.INTER_LINEAR) if part is None else part
 
 
+def part_read(src: tuple[int, ...], size: tuple[int, int], rows: int, cols: int) -> tuple[int, int]:
+    """(rows, columns) of the top-left part of a ``src``-shaped image that outputs ``[:rows, :cols]`` of
+    its resize to ``size`` read: two source pixels past the last output's position."""
+    last_x, _ = _positions(src[1], size[0], cols - 1, 1)
+    last_y, _ = _positions(src[0], size[1], rows - 1, 1)
+    return min(src[0], int(last_y[0]) + 3), min(src[1], int(last_x[0]) + 3)
+
+
 def _resized_part(img: np.ndarray, size: tuple[int, int], rows: int, cols: int) -> np.ndarray | None:
     """OpenCV's resize of the top-left part that outputs ``[:rows, :cols]`` read; None where that is the
     whole image, or where OpenCV would copy the part (resized to its own size) instead of resizing it."""
     h, w = img.shape[:2]
     width, height = size
-    last_x, _ = _positions(w, width, cols - 1, 1)
-    last_y, _ = _positions(h, height, rows - 1, 1)
-    part_w, part_h = min(w, int(last_x[0]) + 3), min(h, int(last_y[0]) + 3)
+    part_h, part_w = part_read(img.shape, size, rows, cols)
     fx, fy = width / w, height / h
     out_w, out_h = round(part_w * fx), round(part_h * fy)  # OpenCV's output size (it rounds half to even too)
     if (part_w, part_h) == (w, h) or (out_w, out_h) == (part_w, part_h) or out_w < cols or out_h < rows:
@@ -213,12 +219,7 @@ class MosaicLater:
             return np.asarray(self)[key]
         (top, bottom), (left, right) = window
         out = fast_transforms.filled((bottom - top, right - left, self.shape[2]), self.pad)
-        for img, (px1, py1, px2, py2), (cx1, cy1, _, _) in self.pieces:
-            x1, y1, x2, y2 = max(px1, left), max(py1, top), min(px2, right), min(py2, bottom)
-            if x1 < x2 and y1 < y2:
-                out[y1 - top : y2 - top, x1 - left : x2 - left] = img[
-                    cy1 + y1 - py1 : cy1 + y2 - py1, cx1 + x1 - px1 : cx1 + x2 - px1
-                ]
+        fast_transforms.paste_inside(out, top, left, self.pieces)
         return out
 
 
@@ -229,7 +230,7 @@ def deferred_mosaic(mosaic: Any, shape: tuple[int, ...], dtype: Any, pieces: lis
     ok = mosaic.__dict__.get("canvas_later") and pad is not None and len(shape) == 3 and np.dtype(dtype) == np.uint8
     if not (ok and all(fast_transforms.is_color_uint8(piece[2]) for piece in pieces)):
         return None
-    return MosaicLater(shape, dtype, pad, [(img, pasted, cut) for _, _, img, pasted, cut in pieces])
+    return MosaicLater(shape, dtype, pad, [piece[2:] for piece in pieces])  # (image, pasted, cut)
 
 
 class ResizedLater:
@@ -291,11 +292,8 @@ class TruncatedLater:
         (top, bottom), (left, right) = window
         if bottom <= top or right <= left:
             return np.empty((max(bottom - top, 0), max(right - left, 0), self.shape[2]), np.uint8)
-        h, w = self.src.shape[:2]
-        last_x, _ = _positions(w, self.size[0], right - 1, 1)
-        last_y, _ = _positions(h, self.size[1], bottom - 1, 1)
-        part = self.src[: min(h, int(last_y[0]) + 3), : min(w, int(last_x[0]) + 3)]
-        out = self._resized(part)
+        part_h, part_w = part_read(self.src.shape, self.size, bottom, right)
+        out = self._resized(self.src[:part_h, :part_w])
         if out.shape[0] < bottom or out.shape[1] < right:  # rounding left the part short: all of it
             out = self._resized(self.src)
         return out[top:bottom, left:right].astype(np.uint8)  # truncated, as mmdet's values pasted into uint8

@@ -442,6 +442,17 @@ def boxes_inside(boxes: np.ndarray, img_shape: tuple[int, int]) -> np.ndarray:
     return (boxes[:, 0] < w) & (boxes[:, 1] < h) & (boxes[:, 2] > 0) & (boxes[:, 3] > 0)
 
 
+def paste_inside(out: np.ndarray, top: int, left: int, pieces: Iterable[tuple]) -> None:
+    """Paste into ``out``, the part of a mosaic canvas whose top-left corner is at (``top``, ``left``),
+    what falls inside it of each piece: ``(image, pasted (x1, y1, x2, y2), cut (x1, y1, x2, y2))``."""
+    bottom, right = top + out.shape[0], left + out.shape[1]
+    for img, (px1, py1, px2, py2), (cx1, cy1, _, _) in pieces:
+        x1, y1, x2, y2 = max(px1, left), max(py1, top), min(px2, right), min(py2, bottom)
+        if x1 < x2 and y1 < y2:
+            rows, cols = slice(cy1 + y1 - py1, cy1 + y2 - py1), slice(cx1 + x1 - px1, cx1 + x2 - px1)
+            out[y1 - top : y2 - top, x1 - left : x2 - left] = img[rows, cols]
+
+
 def mosaic_canvas(
     shape: tuple[int, ...], pad_val: Any, dtype: Any, center: tuple[int, int], pastes: list
 ) -> np.ndarray:
