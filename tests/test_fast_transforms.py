@@ -561,3 +561,24 @@ def test_swapped_dataset_pickles_for_loader_workers(tiny_coco):
     random.seed(3)
     np.random.seed(3)
     assert_same(first, copied[1])
+
+
+def test_paste_inside_fills_only_what_no_piece_covers():
+    """``paste_inside`` with a pad colour equals the pad everywhere, then the pieces pasted in order:
+    overlapping, touching, outside and empty rectangles, any part of the canvas."""
+    rng = np.random.default_rng(20)
+    for _ in range(200):
+        h, w = int(rng.integers(1, 40)), int(rng.integers(1, 40))
+        pieces = []
+        for _ in range(int(rng.integers(0, 6))):
+            x1, y1 = int(rng.integers(-10, w + 5)), int(rng.integers(-10, h + 5))
+            x2, y2 = x1 + int(rng.integers(0, 30)), y1 + int(rng.integers(0, 30))
+            img = rng.integers(0, 256, (y2 - y1 + 2, x2 - x1 + 1, 3), dtype=np.uint8)
+            pieces.append((img, (x1, y1, x2, y2), (1, 2, 1 + x2 - x1, 2 + y2 - y1)))
+        top, left = int(rng.integers(-5, h)), int(rng.integers(-5, w))
+        out_h, out_w = int(rng.integers(0, h + 5)), int(rng.integers(0, w + 5))
+        wanted = np.full((out_h, out_w, 3), 114, np.uint8)
+        F.paste_inside(wanted, top, left, pieces)
+        got = np.zeros((out_h, out_w, 3), np.uint8)  # what no piece covers must be filled, not left
+        F.paste_inside(got, top, left, pieces, 114)
+        assert_same(wanted, got)

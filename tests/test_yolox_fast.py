@@ -4,6 +4,7 @@ built dataset yields mmdet's samples bit for bit (helpers from test_fast_transfo
 
 from __future__ import annotations
 
+import copy
 import random
 
 import cv2
@@ -103,7 +104,15 @@ def yolox_like(mosaic: dict | None = None, affine: dict | None = None) -> list[d
 
 @pytest.mark.parametrize(
     "variant",
-    ["yolox_s", "yolox_tiny", "mosaic_sometimes", "centre_anywhere", "affine_skipped", "not_loading_only"],
+    [
+        "yolox_s",
+        "yolox_tiny",
+        "mosaic_sometimes",
+        "centre_anywhere",
+        "affine_skipped",
+        "not_loading_only",
+        "ignore_empty",
+    ],
 )
 def test_partners_the_warp_never_reads_are_not_decoded_and_samples_stay_the_same(turned_coco, variant):
     init_default_scope("mmdet")
@@ -115,9 +124,12 @@ def test_partners_the_warp_never_reads_are_not_decoded_and_samples_stay_the_same
         "centre_anywhere": yolox_like(mosaic=dict(center_ratio_range=(0.0, 2.0)), affine=dict(max_rotate_degree=60)),
         "affine_skipped": yolox_like(),
         "not_loading_only": yolox_like(),
+        "ignore_empty": yolox_like(),  # an unreadable file makes mmdet's dataset draw another index
     }[variant]
     if variant == "not_loading_only":
         loads = [*loads, dict(type="RandomFlip", prob=0.5)]
+    if variant == "ignore_empty":
+        loads[0]["ignore_empty"] = True
     cfg = dict(type="MultiImageMixDataset", dataset=coco_cfg(turned_coco, loads), pipeline=pipeline)
     if variant == "affine_skipped":
         cfg["skip_type_keys"] = ["RandomAffine"]
@@ -128,7 +140,7 @@ def test_partners_the_warp_never_reads_are_not_decoded_and_samples_stay_the_same
     assert_same(theirs, ours, pixels=AFTER_MIXUP)
     assert {"FastMultiImageMixDataset", "FastMosaic"} <= set(fast_names)
     assert not any(n.startswith("Fast") for n in slow_names)  # data.fast_transforms: false gives mmdet's own
-    if variant in ("affine_skipped", "not_loading_only"):
+    if variant in ("affine_skipped", "not_loading_only", "ignore_empty"):
         assert skipped == parts == 0
     else:
         assert skipped >= 10, skipped  # a third of the 108 partners or so
@@ -166,3 +178,48 @@ def test_resize_of_an_image_already_at_its_size_equals_mmdet(masks):
         kept += F.is_color_uint8(results["img"]) and F.at_size(results["img"], (64, 64))
         compare(slow, fast, results, seed)
     assert kept >= 6  # (float and one-channel images: mmdet's code)
+
+
+# ---- RandomAffine's boxes in numpy -----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        dict(scaling_ratio_range=(0.1, 2), border=(-32, -32), max_rotate_degree=30, max_shear_degree=10),
+        dict(scaling_ratio_range=(0.5, 1.5), border=(-16, -8), bbox_clip_border=False),
+        dict(max_translate_ratio=0.5, border_val=(0, 50, 255)),
+    ],
+)
+def test_random_affine_equals_mmdet_bit_for_bit(params):
+    """Same draws, pixels and boxes (every bit of every coordinate, zeros' signs included), labels and
+    flags; empty and all-outside box sets, numpy boxes (mmdet's autocast) and one-channel images too."""
+    slow, fast = pair(T.RandomAffine, Y.FastRandomAffine, **params)
+    rng = np.random.default_rng(18)
+    kept = emptied = 0
+    for seed in range(60):
+        results = sample(rng, 96, 128, [0, 1, 3, 12][seed % 4], numpy_boxes=seed % 5 == 0)
+        if seed % 7 == 6:
+            results["img"] = results["img"][..., 0]
+        compare(slow, fast, results, seed)
+        random.seed(seed)
+        np.random.seed(seed)
+        a, b = slow(copy.deepcopy(results)), None
+        random.seed(seed)
+        np.random.seed(seed)
+        b = fast(copy.deepcopy(results))
+        bits = [
+            np.asarray(r["gt_bboxes"].tensor if hasattr(r["gt_bboxes"], "tensor") else r["gt_bboxes"]) for r in (a, b)
+        ]
+        assert bits[0].tobytes() == bits[1].tobytes()
+        kept += len(bits[0])
+        emptied += len(bits[0]) == 0 < len(results["gt_bboxes_labels"])
+    assert kept >= 60 and emptied >= 1, (kept, emptied)
+
+
+def test_random_affine_with_masks_fails_as_mmdets():
+    slow, fast = pair(T.RandomAffine, Y.FastRandomAffine)
+    results = sample(np.random.default_rng(19), 32, 32, 2, masks="bitmap")
+    for transform in (slow, fast):
+        with pytest.raises(NotImplementedError, match="only supports bbox"):
+            transform(copy.deepcopy(results))

@@ -218,8 +218,9 @@ class MosaicLater:
         if window is None:
             return np.asarray(self)[key]
         (top, bottom), (left, right) = window
-        out = fast_transforms.filled((bottom - top, right - left, self.shape[2]), self.pad)
-        fast_transforms.paste_inside(out, top, left, self.pieces)
+        out = np.empty((bottom - top, right - left, self.shape[2]), dtype=np.uint8)
+        pad = self.pad[0] if self.pad.min() == self.pad.max() else self.pad  # one value: numpy fills it fastest
+        fast_transforms.paste_inside(out, top, left, self.pieces, pad)
         return out
 
 

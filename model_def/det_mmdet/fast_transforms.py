@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import collections.abc
 import copy
+import itertools
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -442,15 +443,39 @@ def boxes_inside(boxes: np.ndarray, img_shape: tuple[int, int]) -> np.ndarray:
     return (boxes[:, 0] < w) & (boxes[:, 1] < h) & (boxes[:, 2] > 0) & (boxes[:, 3] > 0)
 
 
-def paste_inside(out: np.ndarray, top: int, left: int, pieces: Iterable[tuple]) -> None:
+def paste_inside(out: np.ndarray, top: int, left: int, pieces: Iterable[tuple], pad: Any = None) -> None:
     """Paste into ``out``, the part of a mosaic canvas whose top-left corner is at (``top``, ``left``),
-    what falls inside it of each piece: ``(image, pasted (x1, y1, x2, y2), cut (x1, y1, x2, y2))``."""
+    what falls inside it of each piece: ``(image, pasted (x1, y1, x2, y2), cut (x1, y1, x2, y2))``;
+    with ``pad``, first fill the parts of ``out`` that no piece covers with it (as ``out[...] = pad``)."""
     bottom, right = top + out.shape[0], left + out.shape[1]
+    pieces = list(pieces)
+    if pad is not None:
+        for x1, y1, x2, y2 in uncovered((left, top, right, bottom), [piece[1] for piece in pieces]):
+            out[y1 - top : y2 - top, x1 - left : x2 - left] = pad
     for img, (px1, py1, px2, py2), (cx1, cy1, _, _) in pieces:
         x1, y1, x2, y2 = max(px1, left), max(py1, top), min(px2, right), min(py2, bottom)
         if x1 < x2 and y1 < y2:
             rows, cols = slice(cy1 + y1 - py1, cy1 + y2 - py1), slice(cx1 + x1 - px1, cx1 + x2 - px1)
             out[y1 - top : y2 - top, x1 - left : x2 - left] = img[rows, cols]
+
+
+def uncovered(region: tuple[int, int, int, int], rects: Iterable[tuple]) -> list[tuple[int, int, int, int]]:
+    """The part of ``region`` (x1, y1, x2, y2; ends excluded) that none of ``rects`` covers, as disjoint
+    rectangles: the bands between the rectangles' top and bottom edges, each cut where rectangles span it."""
+    x1, y1, x2, y2 = region
+    inside = [(max(a, x1), max(b, y1), min(c, x2), min(d, y2)) for a, b, c, d in rects]
+    inside = [r for r in inside if r[0] < r[2] and r[1] < r[3]]
+    edges = sorted({y1, y2, *(r[1] for r in inside), *(r[3] for r in inside)})
+    out = []
+    for top, bottom in itertools.pairwise(edges):  # every rectangle spans a band whole or not at all
+        left = x1
+        for a, c in sorted((a, c) for a, b, c, d in inside if b <= top and d >= bottom):
+            if a > left:
+                out.append((left, top, a, bottom))
+            left = max(left, c)
+        if left < x2:
+            out.append((left, top, x2, bottom))
+    return out
 
 
 def mosaic_canvas(

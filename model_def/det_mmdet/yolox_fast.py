@@ -1,5 +1,6 @@
 """YOLOX's pipeline faster with the same outputs: mosaic partners that the affine warp never shows
-are not decoded, and the mosaic is made only where the warp reads it.
+are not decoded, the mosaic is made only where the warp reads it, and the warp's boxes are moved in
+numpy (:class:`FastRandomAffine`).
 
 YOLOX warps its 2x-sized mosaic with a random affine matrix that
 scales about the canvas's top-left corner (scale 0.1-2 for YOLOX-s): when it zooms in, the warp
@@ -14,7 +15,8 @@ not the pixels: a zero image of the size its JPEG frame header gives. Its boxes 
 ``FastMosaic`` then ``RandomAffine`` (neither skipped), the inner dataset only loads (mmengine's
 ``BaseDataset``, ``LoadImageFromFile`` with defaults and ``LoadAnnotations`` for boxes), and
 the image is a JPEG whose frame header gives its size (no Exif block, or one whose orientation
-keeps the size: OpenCV turns images by it); anything else is decoded as before. A corrupt image
+keeps the size: OpenCV turns images by it); anything else is decoded as before (from the bytes
+already read for the header: each file is read once). A corrupt image
 that is never shown is not noticed, where mmdet's decode would fail on it. Where that part is under
 half the mosaic, :func:`shown_canvas` has ``FastMosaic`` fill and paste only inside it (checked to
 be the call foreseen: numpy's random state is where the look ahead left it after the mosaic's draws).
@@ -35,9 +37,14 @@ from __future__ import annotations
 
 from typing import Any
 
+import cv2
+import mmcv
 import mmengine
 import numpy as np
+import torch
 from mmdet.datasets.transforms import transforms as mmdet_transforms
+from mmdet.registry import TRANSFORMS
+from mmdet.structures.bbox import HorizontalBoxes, autocast_box_type
 
 from det_mmdet import fast_transforms
 
@@ -57,25 +64,29 @@ def partners(wrapper: Any, transform: Any, indexes: list[int], take: Any) -> lis
         return [take(wrapper.dataset[index]) for index in indexes]
     if shown != "none":
         transform.shown_hint = shown[6:]  # (numpy's random state after the mosaic's draws, the part read)
-    return [
-        partner(wrapper.dataset, transform, index, loc, shown, take) for index, loc in zip(indexes, LOCS, strict=True)
-    ]
+    return [partner(wrapper.dataset, transform, index, loc, shown) for index, loc in zip(indexes, LOCS, strict=True)]
 
 
 LOCS = fast_transforms.MOSAIC_LOCATIONS[1:]  # where the three partners go
 
 
-def partner(dataset: Any, mosaic: Any, index: int, loc: str, shown: Any, take: Any) -> dict:
+def partner(dataset: Any, mosaic: Any, index: int, loc: str, shown: Any) -> dict:
+    """``dataset[index]`` (its pipeline on its annotations), the image decoded from the bytes read for
+    its frame header, as ``LoadImageFromFile`` decodes them (not read twice); a zero image where unseen."""
     results = dataset.get_data_info(index)
     load = dataset.pipeline.transforms[0]
-    shape = jpeg_size(mmengine.fileio.get(results["img_path"], backend_args=load.backend_args))
+    data = mmengine.fileio.get(results["img_path"], backend_args=load.backend_args)
+    shape = jpeg_size(data)
     if shape is None or (shown != "none" and pasted_where_read(mosaic, loc, shape, shown)):
-        return take(dataset[index])
-    results["img"] = np.zeros((*shape, 3), dtype=np.uint8)  # never read: untouched zero pages cost nothing
-    results["img_shape"] = results["ori_shape"] = shape
+        img = mmcv.imfrombytes(data, flag=load.color_type, backend=load.imdecode_backend)
+        assert img is not None, f"failed to load image: {results['img_path']}"  # LoadImageFromFile's check
+    else:
+        img = np.zeros((*shape, 3), dtype=np.uint8)  # never read: untouched zero pages cost nothing
+        SKIPPED["decodes"] += 1
+    results["img"] = img
+    results["img_shape"] = results["ori_shape"] = img.shape[:2]
     for t in dataset.pipeline.transforms[1:]:
         results = t(results)
-    SKIPPED["decodes"] += 1
     return results
 
 
@@ -99,7 +110,11 @@ def shown_region(wrapper: Any, mosaic: Any) -> Any:
     if type(mosaic) is not fast_transforms.FastMosaic or not lazy_loading(wrapper.dataset):
         return None
     at = next((i for i, t in enumerate(steps) if t is mosaic), None)
-    if at is None or at + 1 >= len(steps) or type(steps[at + 1]) is not mmdet_transforms.RandomAffine:
+    if (
+        at is None
+        or at + 1 >= len(steps)
+        or type(steps[at + 1]) not in (mmdet_transforms.RandomAffine, FastRandomAffine)
+    ):
         return None
     skipped = wrapper._skip_type_keys or ()
     if wrapper.pipeline_types[at + 1] in skipped:
@@ -150,6 +165,7 @@ def lazy_loading(dataset: Any) -> bool:
         return False
     first, *rest = dataset.pipeline.transforms
     plain = type(first) is LoadImageFromFile and first.file_client_args is None and not first.to_float32
+    plain = plain and not first.ignore_empty  # (an unreadable file: mmdet's dataset draws another index)
     plain = plain and first.color_type == "color" and first.imdecode_backend == "cv2"
     annotations = (LoadAnnotations, fast_transforms.FAST.get(LoadAnnotations))
     return plain and all(type(t) in annotations and not (t.with_mask or t.with_seg) for t in rest)
@@ -212,8 +228,8 @@ def exif_keeps_size(block: bytes) -> bool:
 
 
 def shown_canvas(mosaic: Any, shape: tuple[int, ...], dtype: Any, pieces: list) -> np.ndarray | None:
-    """A mosaic canvas made only where the next warp reads it: the pad colour there, the pieces'
-    pixels pasted there (the rest left as allocated; the warp never reads it). For a ``FastMosaic``
+    """A mosaic canvas made only where the next warp reads it: the pieces' pixels pasted there, the pad
+    colour where none goes (the rest left as allocated; the warp never reads it). For a ``FastMosaic``
     whose :func:`partners` worked out that part for this very call (numpy's random state is where it
     was foreseen after the mosaic's draws) and where the part is under half the canvas; else None."""
     hint = mosaic.__dict__.pop("shown_hint", None)
@@ -224,8 +240,7 @@ def shown_canvas(mosaic: Any, shape: tuple[int, ...], dtype: Any, pieces: list) 
     if max(x2 - x1, 0) * max(y2 - y1, 0) * 2 > shape[0] * shape[1]:
         return None
     canvas = np.empty(shape, dtype=dtype)
-    canvas[y1:y2, x1:x2] = mosaic.pad_val
-    fast_transforms.paste_inside(canvas[y1:y2, x1:x2], y1, x1, [piece[2:] for piece in pieces])
+    fast_transforms.paste_inside(canvas[y1:y2, x1:x2], y1, x1, [piece[2:] for piece in pieces], mosaic.pad_val)
     SKIPPED["canvases"] += 1
     return canvas
 
@@ -233,3 +248,53 @@ def shown_canvas(mosaic: Any, shape: tuple[int, ...], dtype: Any, pieces: list) 
 def same_state(a: tuple, b: tuple) -> bool:
     """Whether two ``numpy.random.get_state()`` tuples are the same state."""
     return a[0] == b[0] and a[2:] == b[2:] and np.array_equal(a[1], b[1])
+
+
+# ---------------------------------------------------------------------------------------------
+# The warp's boxes
+
+
+@TRANSFORMS.register_module(name="FastRandomAffine", force=True)
+class FastRandomAffine(mmdet_transforms.RandomAffine):
+    """mmdet's ``RandomAffine``: the same draws and the same ``cv2.warpPerspective`` call; the boxes
+    projected, clipped and kept in numpy on float32 around torch's own ``matmul`` (on the tensor
+    layout mmdet gives it: the one step whose bits depend on torch's kernel), without mmdet's box
+    objects in between. Each other step is one IEEE operation (a division, a min or max, a clip, a
+    comparison), the same in numpy. Boxes other than float32 ``HorizontalBoxes`` on the CPU, and
+    samples with masks (which mmdet refuses after the warp), go through mmdet's code."""
+
+    @autocast_box_type()
+    def transform(self, results: dict) -> dict:
+        boxes = results["gt_bboxes"]
+        if not fast_transforms.plain_boxes(boxes) or "gt_masks" in results:
+            return super().transform(results)
+        img = results["img"]
+        height, width = img.shape[0] + self.border[1] * 2, img.shape[1] + self.border[0] * 2
+        matrix = self._get_random_homography_matrix(height, width)
+        results["img"] = cv2.warpPerspective(img, matrix, dsize=(width, height), borderValue=self.border_val)
+        results["img_shape"] = results["img"].shape[:2]
+        if len(boxes):
+            projected = projected_boxes(boxes.tensor.numpy(), matrix)
+            if self.bbox_clip_border:
+                fast_transforms.clip_boxes(projected, (height, width))
+            inside = fast_transforms.boxes_inside(projected, (height, width))
+            results["gt_bboxes"] = HorizontalBoxes(torch.from_numpy(projected[inside]), clone=False)
+            results["gt_bboxes_labels"] = results["gt_bboxes_labels"][inside]
+            results["gt_ignore_flags"] = results["gt_ignore_flags"][inside]
+        return results
+
+
+def projected_boxes(boxes: np.ndarray, matrix: np.ndarray) -> np.ndarray:
+    """``HorizontalBoxes.project_`` on an (N, 4) float32 array: the four corners (x, y, 1) through
+    ``matrix`` (as float32, by torch as mmdet multiplies them), divided by their third coordinate,
+    and the box around them."""
+    x1, y1, x2, y2 = boxes.T
+    one = np.ones_like(x1)
+    corners = np.stack([x1, y1, one, x2, y1, one, x1, y2, one, x2, y2, one], axis=-1).reshape(-1, 4, 3)
+    corners_t = torch.from_numpy(corners).transpose(-1, -2)  # (N, 3, 4): the strides of mmdet's operand
+    moved = torch.matmul(torch.from_numpy(matrix.astype(np.float32)), corners_t).numpy()
+    xy = moved[:, :2] / moved[:, 2:3]
+    return np.concatenate([xy.min(axis=-1), xy.max(axis=-1)], axis=-1)
+
+
+fast_transforms.register(mmdet_transforms.RandomAffine, FastRandomAffine)
