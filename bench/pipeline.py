@@ -37,6 +37,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "model_def"))
 
+# glibc's heap settings in a loader worker: its own (mmengine's Runner) and det-mmdet's (det_mmdet.worker_heap)
+HEAPS = {"default": "glibc's own thresholds", "kept": "data.reuse_worker_heap", "both": "each, a process each"}
 CONFIGS = {
     "rtmdet_s": ("RTMDet-s", "rtmdet/rtmdet_s_8xb32-300e_coco.py"),
     "yolox_s": ("YOLOX-s", "yolox/yolox_s_8xb8-300e_coco.py"),
@@ -293,21 +295,26 @@ def sameness(a: list, b: list) -> str:
     return f"images: {100 * pixels[0] / pixels[1]:.3f}% of values differ, by up to {pixels[2]}; all else yes"
 
 
-def table(results: list[dict], top: int) -> str:
-    lines = [
-        "| pipeline (mmdet config) | mmdet ms / sample | ours ms / sample | mmdet images/s | ours images/s "
-        "| speed-up | same samples | largest transforms, ms (mmdet -> ours) |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for r in results:
-        mm, ours = r["mmdet"]["transforms"], r["ours"]["transforms"]
+def table(results: list[dict[str, dict]], top: int) -> str:
+    """One row per pipeline from its runs by heap setting (``default``: glibc's own, as mmengine's Runner's
+    workers run; ``kept``: ``worker_heap.reuse``, as det-mmdet's workers run): the speed-up as the two
+    loaders run the pipelines where both were measured, and each run's own (the same heap for both)."""
+    both = all(len(runs) == 2 for runs in results)
+    head = "| pipeline (mmdet config) | mmdet ms / sample | ours ms / sample | mmdet images/s | ours images/s "
+    head += "| speed-up as the loaders run them " if both else ""
+    head += "| speed-up, same heap | same samples | largest transforms, ms (mmdet -> ours) |"
+    lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
+    for runs in results:
+        first = runs.get("default") or runs["kept"]
+        mmdet, ours = first["mmdet"], runs.get("kept", first)["ours"]
+        mm, fast = first["mmdet"]["transforms"], first["ours"]["transforms"]
         biggest = sorted(mm, key=mm.get, reverse=True)[:top]
-        where = ", ".join(f"{k} {mm[k]:.1f} -> {ours.get(k, 0.0):.1f}" for k in biggest)
-        lines.append(
-            f"| {r['name']} (`{Path(r['config']).name}`) | {r['mmdet']['ms']:.1f} | {r['ours']['ms']:.1f} | "
-            f"{r['mmdet']['rate']:.0f} | {r['ours']['rate']:.0f} | {r['speedup']:.2f}x | "
-            f"{r['same']} | {where} |"
-        )
+        where = ", ".join(f"{k} {mm[k]:.1f} -> {fast.get(k, 0.0):.1f}" for k in biggest)
+        same_heap = ", ".join(f"{r['speedup']:.2f}x ({heap})" for heap, r in runs.items())
+        row = f"| {first['name']} (`{Path(first['config']).name}`) | {mmdet['ms']:.1f} | {ours['ms']:.1f} | "
+        row += f"{mmdet['rate']:.0f} | {ours['rate']:.0f} | "
+        row += f"{ours['rate'] / mmdet['rate']:.2f}x | " if both else ""
+        lines.append(row + f"{same_heap} | {first['same']} | {where} |")
     return "\n".join(lines)
 
 
@@ -320,9 +327,17 @@ def main() -> None:
     p.add_argument("--chunk", type=int, default=10, help="samples per turn (the two take turns)")
     p.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated, of: {', '.join(CONFIGS)}")
     p.add_argument("--top", type=int, default=5, help="transforms named per row")
+    p.add_argument(
+        "--heap",
+        default="both",
+        help="loader workers' heap: default (glibc's own, as the Runner's), kept (data.reuse_worker_heap, "
+        "as det-mmdet's), or both (a process each; the speed-up as the two loaders run the pipelines)",
+    )
     p.add_argument("--one", nargs=2, metavar=("ROOT", "OUT"), help=argparse.SUPPRESS)  # a child: one config
     args = p.parse_args()
     chosen = choices.chosen(args.configs, CONFIGS, "--configs")
+    heaps = choices.chosen(args.heap, HEAPS, "--heap")
+    heaps = ["default", "kept"] if "both" in heaps else heaps
     if args.chunk < 1:
         sys.exit(f"error: --chunk: {args.chunk} (samples per turn, at least 1)")
 
@@ -332,27 +347,33 @@ def main() -> None:
         from mmengine.registry import init_default_scope
 
         init_default_scope("mmdet")
+        if heaps == ["kept"]:
+            from det_mmdet import worker_heap
+
+            worker_heap.reuse()
         Path(args.one[1]).write_text(json.dumps(measure(*CONFIGS[chosen[0]], Path(args.one[0]), args)))
         return
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         make_coco(root, args.images)
-        results = [measure_apart(c, root, args) for c in chosen]
+        results = [{heap: measure_apart(c, heap, root, args) for heap in heaps} for c in chosen]
     print(
         f"{args.images} photo-like JPEGs (640x480, 1 in 5 portrait), {args.samples} samples a run, median of "
-        f"{args.repeats} runs, the two taking turns every {args.chunk} samples; a process per pipeline, "
-        f"torch/OpenCV threads 1; {platform.processor() or 'cpu'}, {os.cpu_count()} cores"
+        f"{args.repeats} runs, the two taking turns every {args.chunk} samples; a process per pipeline and heap "
+        f"setting ({', '.join(heaps)}), torch/OpenCV threads 1; {platform.processor() or 'cpu'}, "
+        f"{os.cpu_count()} cores"
     )
     print(table(results, args.top))
 
 
-def measure_apart(config: str, root: Path, args) -> dict:
-    """:func:`measure` in a fresh process: a pipeline measured after another in the same process ran
-    with that one's heap (YOLOX-s after RTMDet-s: 2.5x against 2.8-3.1x on its own)."""
+def measure_apart(config: str, heap: str, root: Path, args) -> dict:
+    """:func:`measure` in a fresh process with the ``heap`` setting: a pipeline measured after another
+    in the same process ran with that one's heap (YOLOX-s after RTMDet-s: 2.5x against 2.8-3.1x on its
+    own), and glibc's heap settings hold for the whole process."""
     import subprocess
 
-    out = root / f"{config}.json"
-    cmd = [sys.executable, __file__, "--configs", config, "--one", str(root), str(out)]
+    out = root / f"{config}-{heap}.json"
+    cmd = [sys.executable, __file__, "--configs", config, "--heap", heap, "--one", str(root), str(out)]
     for flag in ("images", "samples", "repeats", "warmup", "chunk"):
         cmd += [f"--{flag}", str(getattr(args, flag))]
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)

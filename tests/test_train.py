@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from conftest import ROOT, det_mmdet, read_metrics, shapes_hparams, write_experiment
+from det_mmdet import worker_heap
 from det_mmdet.checkpoint import newest_checkpoint
 
 MAP_KEYS = ["bbox_mAP", "bbox_mAP_50", "bbox_mAP_75", "bbox_mAP_s", "bbox_mAP_m", "bbox_mAP_l"]
@@ -37,6 +38,8 @@ def test_faster_rcnn_trains_validates_and_exports(tmp_path, shapes):
     assert set(MAP_KEYS) <= set(validation["metrics"])
     assert validation["metrics"]["val_images"] == 16
     assert "Average Precision  (AP) @[ IoU=0.50:0.95 | area=   all | maxDets=100 ]" in r.stdout + r.stderr
+    if worker_heap.available():  # data.reuse_worker_heap's default, said at start-up
+        assert "loader workers keep freed memory: heap blocks under 32 MB" in r.stdout + r.stderr
 
     ckpt = newest_checkpoint(out / "checkpoints")
     assert ckpt is not None and (ckpt / "model.pth").is_file() and (ckpt / "config.py").is_file()

@@ -339,6 +339,7 @@ DATA_KEYS = (
     "coco_backend",
     "fast_transforms",
     "annotation_cache",
+    "reuse_worker_heap",
 )
 CACHE_KEYS = ("cache_dir", "cache_max_gb", "annotation_cache_dir")
 
@@ -586,6 +587,10 @@ def build_config(exp: Experiment, sets: Mapping[str, Any] | None = None):
         from det_mmdet.annotation_cache import check_setting
 
         check_setting(exp.data["annotation_cache"])
+    if "reuse_worker_heap" in exp.data:
+        from det_mmdet import worker_heap
+
+        worker_heap.check_setting(exp.data["reuse_worker_heap"])
     backend_args = backend_args_from_data(exp.data, tree.get("data_root"))
     if backend_args is not None or exp.data.get("backend_args") or exp.data.get("file_client_args"):
         substitute_backend_args(tree, backend_args)

@@ -34,12 +34,17 @@ class LoaderEnv:
 
     start_method: str | None = None
     opencv_threads: int | None = None
+    reuse_heap: bool = False  # data.reuse_worker_heap (det_mmdet.worker_heap)
 
     def in_worker(self) -> None:
         if self.opencv_threads is not None:
             import cv2
 
             cv2.setNumThreads(self.opencv_threads)
+        if self.reuse_heap:
+            from det_mmdet import worker_heap
+
+            worker_heap.reuse()
 
 
 def apply(env_cfg: dict[str, Any] | None, processes: int) -> tuple[LoaderEnv, list[str]]:

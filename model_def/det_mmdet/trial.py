@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import inspect
 import logging
 import pickle
@@ -44,6 +45,7 @@ from det_mmdet import (
     searcher,
     unsupported,
     weights,
+    worker_heap,
 )
 from det_mmdet.errors import UserError
 from det_mmdet.evaluation import EvaluatorReducer
@@ -210,6 +212,9 @@ class MMDetTrial(pytorch.PyTorchTrial):
         self.startup_notes += [f"env_cfg: {line}" for line in env_lines]
 
         data_section = self.context.get_experiment_config().get("data") or {}  # annotation cache, transforms
+        reuse_heap = worker_heap.check_setting(data_section.get("reuse_worker_heap", True))
+        self.loader_env = dataclasses.replace(self.loader_env, reuse_heap=reuse_heap)
+        self.startup_notes.append(worker_heap.startup_line(reuse_heap))
         self.train_set = data.build_dataset(cfg.train_dataloader.dataset, "train_dataloader.dataset", data_section)
         self.val_set = data.build_dataset(cfg.val_dataloader.dataset, "val_dataloader.dataset", data_section)
         self.classes = list(self.train_set.metainfo.get("classes", ()))
