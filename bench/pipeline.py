@@ -2,15 +2,25 @@
 
 Makes photo-like 640x480 JPEGs (smooth colour fields, textures, shapes, sensor noise; one in five
 portrait) and a COCO annotation file for them (COCO's 80 classes, about 7 polygon objects an image,
-some crowd), then builds the training dataset of each mmdet config below twice, from one config:
-as mmdet builds it, and with ``det_mmdet.fast_transforms.swap`` (what ``data.fast_transforms: true``
-does). A process per pipeline, torch and OpenCV on one thread. The two are timed ``--repeats`` times each over
-the same ``--samples`` samples, taking turns every ``--chunk`` samples, after a warm-up that fills the
-transforms' caches and whose samples, made from one seed, are compared (the "same samples" column:
-bit for bit, or, where MixUp's float64 jitter resize runs within one level of mmdet's, how many image
-values differ; all else must be equal); the table gives the median, the speed-up, and the exclusive
-milliseconds per transform (time inside a transform, less the time of transforms it calls, e.g. the
-decodes MixUp asks for).
+some crowd), then measures each mmdet config's training dataset in four loader-worker-like processes
+of its own (spawned, torch and OpenCV on one thread, each building its dataset from the one config and
+keeping its heap to itself, as a loader worker runs one pipeline):
+
+    mmdet                mmdet's transforms, glibc's own heap thresholds: mmengine's Runner's workers
+    ours                 det-mmdet's (``fast_transforms.swap``, ``data.fast_transforms: true``), the heap
+                         kept (``worker_heap.reuse``, ``data.reuse_worker_heap: true``): det-mmdet's workers
+    mmdet, heap kept     what det-mmdet's workers give ``data.fast_transforms: false``
+    ours, glibc's heap   det-mmdet's transforms with ``data.reuse_worker_heap: false``
+
+The four make the same ``--samples`` samples from the same random state, taking turns every ``--chunk``
+samples (who goes first rotating), so that the machine's drifts in speed fall on all alike; median of
+``--repeats`` runs, after a warm-up that fills the transforms' caches and whose samples, made from one
+seed, are compared (the "same samples" column: bit for bit, or, where MixUp's float64 jitter resize runs
+within one level of mmdet's, how many image values differ; all else must be equal). The table gives
+the speed-up as the two loaders run the pipelines (ours against mmdet), the speed-ups with the same heap
+setting on both sides, and the exclusive milliseconds per transform (time inside a transform, less the
+time of transforms it calls, e.g. the decodes MixUp asks for; YOLOX's mosaic partners that det-mmdet
+loads itself count as LoadImageFromFile).
 
     .venv/bin/python bench/pipeline.py [--images 200] [--samples 60] [--repeats 3] [--configs rtmdet_s,...]
 """
@@ -28,6 +38,7 @@ import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 import choices
 import cv2
@@ -37,8 +48,13 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "model_def"))
 
-# glibc's heap settings in a loader worker: its own (mmengine's Runner) and det-mmdet's (det_mmdet.worker_heap)
-HEAPS = {"default": "glibc's own thresholds", "kept": "data.reuse_worker_heap", "both": "each, a process each"}
+# The processes each pipeline is measured in: (det-mmdet's transforms, the heap kept) (module docstring)
+WORKERS = {
+    "mmdet": (False, False),
+    "ours": (True, True),
+    "mmdet, heap kept": (False, True),
+    "ours, glibc's heap": (True, False),
+}
 CONFIGS = {
     "rtmdet_s": ("RTMDet-s", "rtmdet/rtmdet_s_8xb32-300e_coco.py"),
     "yolox_s": ("YOLOX-s", "yolox/yolox_s_8xb8-300e_coco.py"),
@@ -190,6 +206,11 @@ def time_transforms(dataset, clock: Clock) -> None:
             t.transform = timed(t.transform, name, clock)
             if hasattr(t, "get_indexes"):
                 t.get_indexes = timed(t.get_indexes, name, clock)
+    from det_mmdet import yolox_fast
+
+    if not hasattr(yolox_fast.partner, "timed"):  # the mosaic partners det-mmdet reads and decodes itself
+        yolox_fast.partner = timed(yolox_fast.partner, "LoadImageFromFile", clock)
+        yolox_fast.partner.timed = True
 
 
 def run(dataset, order: list[int], clock: Clock) -> float:
@@ -200,46 +221,86 @@ def run(dataset, order: list[int], clock: Clock) -> float:
     return time.perf_counter() - start
 
 
+def worker(conn, config: str, root: str, fast: bool, heap_kept: bool) -> None:
+    """One pipeline in a process of its own, as a loader worker runs it; told by ``conn`` what to make."""
+    torch.set_num_threads(1)
+    cv2.setNumThreads(1)
+    from mmengine.registry import init_default_scope
+
+    from det_mmdet import worker_heap
+
+    init_default_scope("mmdet")
+    if heap_kept:
+        worker_heap.reuse()
+    dataset = build(train_dataset_cfg(config, Path(root)), fast)
+    clock = Clock()
+    time_transforms(dataset, clock)
+    conn.send(len(dataset))
+    while (message := conn.recv()) is not None:
+        kind, value = message
+        if kind == "seed":  # a fresh run: the same random state in every process, the clock cleared
+            random.seed(value)
+            np.random.seed(value)
+            clock.ms.clear()
+        elif kind == "samples":
+            conn.send([dataset[i] for i in value])
+        elif kind == "run":
+            conn.send(run(dataset, value, clock))
+        elif kind == "clock":
+            conn.send(dict(clock.ms))
+
+
 def measure(name: str, config: str, root: Path, args) -> dict:
-    cfg = train_dataset_cfg(config, root)
-    clocks = {"mmdet": Clock(), "ours": Clock()}
-    datasets = {"mmdet": build(cfg, False), "ours": build(cfg, True)}
-    for way, dataset in datasets.items():
-        time_transforms(dataset, clocks[way])
-    rng = random.Random(0)
-    n = len(datasets["mmdet"])
-    seconds: dict[str, list[float]] = {"mmdet": [], "ours": []}
-    per_transform: dict[str, list[dict[str, float]]] = {"mmdet": [], "ours": []}
+    import multiprocessing
+
+    spawn = multiprocessing.get_context("spawn")
+    conns, processes = {}, []
+    for way, (fast, heap_kept) in WORKERS.items():
+        conns[way], theirs = spawn.Pipe()
+        processes.append(spawn.Process(target=worker, args=(theirs, config, str(root), fast, heap_kept)))
+        processes[-1].start()
+    try:
+        return timed_ways(name, config, conns, args)
+    finally:
+        for conn in conns.values():
+            conn.send(None)
+        for process in processes:
+            process.join()
+
+
+def timed_ways(name: str, config: str, conns: dict, args) -> dict:
+    lengths = {way: conn.recv() for way, conn in conns.items()}
+    assert len(set(lengths.values())) == 1, lengths
+    n, rng = lengths["mmdet"], random.Random(0)
     order = [rng.randrange(n) for _ in range(args.warmup)]
     samples = {}
-    for way, dataset in datasets.items():  # warm-up (caches filled, files in the page cache), compared
-        random.seed(0)
-        np.random.seed(0)
-        samples[way] = [dataset[i] for i in order]
+    for way, conn in conns.items():  # warm-up (caches filled, files in the page cache), compared
+        conn.send(("seed", 0))
+        conn.send(("samples", order))
+        samples[way] = conn.recv()
     same = sameness(samples["mmdet"], samples["ours"])
+    if not (
+        equal(samples["mmdet"], samples["mmdet, heap kept"]) and equal(samples["ours"], samples["ours, glibc's heap"])
+    ):
+        same = "NO (the heap setting changed a sample)"
+    seconds: dict[str, list[float]] = {way: [] for way in conns}
+    per_transform: dict[str, list[dict[str, float]]] = {way: [] for way in conns}
+    ways = list(conns)
     for _ in range(args.repeats):
         order = [rng.randrange(n) for _ in range(args.samples)]
-        # Both make the same samples from the same random state, taking turns every --chunk samples (each
-        # one's state kept between its turns, who goes first swapped each turn), so that the machine's
-        # drifts in speed fall on both alike.
-        random.seed(1)
-        np.random.seed(1)
-        states = {way: (random.getstate(), np.random.get_state()) for way in datasets}
-        spent = dict.fromkeys(datasets, 0.0)
-        for clock in clocks.values():
-            clock.ms.clear()
+        spent = dict.fromkeys(ways, 0.0)
+        for conn in conns.values():
+            conn.send(("seed", 1))
         for turn, start in enumerate(range(0, len(order), args.chunk)):
-            ways = list(datasets) if turn % 2 == 0 else list(datasets)[::-1]
-            for way in ways:
-                random.setstate(states[way][0])
-                np.random.set_state(states[way][1])
-                spent[way] += run(datasets[way], order[start : start + args.chunk], clocks[way])
-                states[way] = (random.getstate(), np.random.get_state())
-        for way in datasets:
+            for way in ways[turn % len(ways) :] + ways[: turn % len(ways)]:  # one at a time, who goes first rotating
+                conns[way].send(("run", order[start : start + args.chunk]))
+                spent[way] += conns[way].recv()
+        for way, conn in conns.items():
+            conn.send(("clock", None))
+            per_transform[way].append({k: v / args.samples for k, v in conn.recv().items()})
             seconds[way].append(spent[way])
-            per_transform[way].append({k: v / args.samples for k, v in clocks[way].ms.items()})
-    result = {"name": name, "config": config, "same": same}
-    for way in datasets:
+    result: dict[str, Any] = {"name": name, "config": config, "same": same}
+    for way in ways:
         s = statistics.median(seconds[way])
         result[way] = {
             "ms": 1e3 * s / args.samples,
@@ -248,7 +309,6 @@ def measure(name: str, config: str, root: Path, args) -> dict:
                 k: statistics.median(d.get(k, 0.0) for d in per_transform[way]) for k in per_transform[way][0]
             },
         }
-    result["speedup"] = result["ours"]["rate"] / result["mmdet"]["rate"]
     return result
 
 
@@ -295,26 +355,24 @@ def sameness(a: list, b: list) -> str:
     return f"images: {100 * pixels[0] / pixels[1]:.3f}% of values differ, by up to {pixels[2]}; all else yes"
 
 
-def table(results: list[dict[str, dict]], top: int) -> str:
-    """One row per pipeline from its runs by heap setting (``default``: glibc's own, as mmengine's Runner's
-    workers run; ``kept``: ``worker_heap.reuse``, as det-mmdet's workers run): the speed-up as the two
-    loaders run the pipelines where both were measured, and each run's own (the same heap for both)."""
-    both = all(len(runs) == 2 for runs in results)
-    head = "| pipeline (mmdet config) | mmdet ms / sample | ours ms / sample | mmdet images/s | ours images/s "
-    head += "| speed-up as the loaders run them " if both else ""
-    head += "| speed-up, same heap | same samples | largest transforms, ms (mmdet -> ours) |"
-    lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
-    for runs in results:
-        first = runs.get("default") or runs["kept"]
-        mmdet, ours = first["mmdet"], runs.get("kept", first)["ours"]
-        mm, fast = first["mmdet"]["transforms"], first["ours"]["transforms"]
+def table(results: list[dict], top: int) -> str:
+    lines = [
+        "| pipeline (mmdet config) | mmdet ms / sample | ours ms / sample | mmdet images/s | ours images/s "
+        "| speed-up | same heap: glibc's, kept | same samples | largest transforms, ms (mmdet -> ours) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        mmdet, ours = r["mmdet"], r["ours"]
+        mm, fast = mmdet["transforms"], ours["transforms"]
         biggest = sorted(mm, key=mm.get, reverse=True)[:top]
         where = ", ".join(f"{k} {mm[k]:.1f} -> {fast.get(k, 0.0):.1f}" for k in biggest)
-        same_heap = ", ".join(f"{r['speedup']:.2f}x ({heap})" for heap, r in runs.items())
-        row = f"| {first['name']} (`{Path(first['config']).name}`) | {mmdet['ms']:.1f} | {ours['ms']:.1f} | "
-        row += f"{mmdet['rate']:.0f} | {ours['rate']:.0f} | "
-        row += f"{ours['rate'] / mmdet['rate']:.2f}x | " if both else ""
-        lines.append(row + f"{same_heap} | {first['same']} | {where} |")
+        glibc = r["ours, glibc's heap"]["rate"] / mmdet["rate"]
+        kept = ours["rate"] / r["mmdet, heap kept"]["rate"]
+        lines.append(
+            f"| {r['name']} (`{Path(r['config']).name}`) | {mmdet['ms']:.1f} | {ours['ms']:.1f} | "
+            f"{mmdet['rate']:.0f} | {ours['rate']:.0f} | {ours['rate'] / mmdet['rate']:.2f}x | "
+            f"{glibc:.2f}x, {kept:.2f}x | {r['same']} | {where} |"
+        )
     return "\n".join(lines)
 
 
@@ -324,60 +382,24 @@ def main() -> None:
     p.add_argument("--samples", type=int, default=60, help="samples per timed run")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per implementation (median taken)")
     p.add_argument("--warmup", type=int, default=25, help="samples before timing (fills the caches)")
-    p.add_argument("--chunk", type=int, default=10, help="samples per turn (the two take turns)")
+    p.add_argument("--chunk", type=int, default=10, help="samples per turn (the processes take turns)")
     p.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated, of: {', '.join(CONFIGS)}")
     p.add_argument("--top", type=int, default=5, help="transforms named per row")
-    p.add_argument(
-        "--heap",
-        default="both",
-        help="loader workers' heap: default (glibc's own, as the Runner's), kept (data.reuse_worker_heap, "
-        "as det-mmdet's), or both (a process each; the speed-up as the two loaders run the pipelines)",
-    )
-    p.add_argument("--one", nargs=2, metavar=("ROOT", "OUT"), help=argparse.SUPPRESS)  # a child: one config
     args = p.parse_args()
     chosen = choices.chosen(args.configs, CONFIGS, "--configs")
-    heaps = choices.chosen(args.heap, HEAPS, "--heap")
-    heaps = ["default", "kept"] if "both" in heaps else heaps
     if args.chunk < 1:
         sys.exit(f"error: --chunk: {args.chunk} (samples per turn, at least 1)")
 
-    torch.set_num_threads(1)
-    cv2.setNumThreads(1)
-    if args.one:  # the child measuring one config on the parent's data set
-        from mmengine.registry import init_default_scope
-
-        init_default_scope("mmdet")
-        if heaps == ["kept"]:
-            from det_mmdet import worker_heap
-
-            worker_heap.reuse()
-        Path(args.one[1]).write_text(json.dumps(measure(*CONFIGS[chosen[0]], Path(args.one[0]), args)))
-        return
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         make_coco(root, args.images)
-        results = [{heap: measure_apart(c, heap, root, args) for heap in heaps} for c in chosen]
+        results = [measure(*CONFIGS[c], root, args) for c in chosen]
     print(
         f"{args.images} photo-like JPEGs (640x480, 1 in 5 portrait), {args.samples} samples a run, median of "
-        f"{args.repeats} runs, the two taking turns every {args.chunk} samples; a process per pipeline and heap "
-        f"setting ({', '.join(heaps)}), torch/OpenCV threads 1; {platform.processor() or 'cpu'}, "
-        f"{os.cpu_count()} cores"
+        f"{args.repeats} runs; a process per pipeline and way ({', '.join(WORKERS)}), taking turns every "
+        f"{args.chunk} samples, torch/OpenCV threads 1; {platform.processor() or 'cpu'}, {os.cpu_count()} cores"
     )
     print(table(results, args.top))
-
-
-def measure_apart(config: str, heap: str, root: Path, args) -> dict:
-    """:func:`measure` in a fresh process with the ``heap`` setting: a pipeline measured after another
-    in the same process ran with that one's heap (YOLOX-s after RTMDet-s: 2.5x against 2.8-3.1x on its
-    own), and glibc's heap settings hold for the whole process."""
-    import subprocess
-
-    out = root / f"{config}-{heap}.json"
-    cmd = [sys.executable, __file__, "--configs", config, "--heap", heap, "--one", str(root), str(out)]
-    for flag in ("images", "samples", "repeats", "warmup", "chunk"):
-        cmd += [f"--{flag}", str(getattr(args, flag))]
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-    return json.loads(out.read_text())
 
 
 if __name__ == "__main__":

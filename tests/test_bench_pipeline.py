@@ -18,9 +18,9 @@ def test_pipeline_bench_times_both_implementations():
     assert [r[0].split("(")[0].strip() for r in rows] == ["RTMDet-tiny", "YOLOX-tiny", "Mask R-CNN"]
     for name, mm_ms, ours_ms, mm_rate, ours_rate, speedup, same_heap, same, where in rows:
         assert min(float(mm_ms), float(ours_ms), float(mm_rate), float(ours_rate)) > 0 and speedup.strip()[-1] == "x"
-        # a process each for glibc's own heap (the Runner's workers) and the kept heap (det-mmdet's workers)
-        assert re.fullmatch(r" [0-9.]+x \(default\), [0-9.]+x \(kept\) ", same_heap), same_heap
-        assert same.strip() == "yes", name  # the warm-up samples of both, from one seed, compared
+        # the four processes: mmdet's and ours, each with glibc's own heap thresholds and with the heap kept
+        assert re.fullmatch(r" [0-9.]+x, [0-9.]+x ", same_heap), same_heap
+        assert same.strip() == "yes", name  # the warm-up samples of all four, from one seed, compared
         assert len(where.split(",")) == 5 and where.count("->") == 5, name  # the five largest transforms
     assert "CachedMixUp" in rows[0][-1] and "Mosaic" in rows[1][-1]  # the mixing transforms are timed too
 
@@ -32,11 +32,9 @@ def test_pipeline_bench_names_an_unknown_config():
     assert proc.stderr.strip().splitlines()[-1].startswith("error: --configs: unknown detr (choose from rtmdet_s,")
 
 
-def test_pipeline_bench_refuses_an_empty_turn_and_an_unknown_heap():
-    for flags, line in (
-        (["--chunk", "0"], "error: --chunk: 0 (samples per turn, at least 1)"),
-        (["--heap", "jemalloc"], "error: --heap: unknown jemalloc (choose from default, kept, both)"),
-    ):
-        proc = subprocess.run([sys.executable, "bench/pipeline.py", *flags], cwd=ROOT, capture_output=True, text=True)
-        assert proc.returncode != 0
-        assert proc.stderr.strip().splitlines() == [line]
+def test_pipeline_bench_refuses_an_empty_turn():
+    proc = subprocess.run(
+        [sys.executable, "bench/pipeline.py", "--chunk", "0"], cwd=ROOT, capture_output=True, text=True
+    )
+    assert proc.returncode != 0
+    assert proc.stderr.strip().splitlines() == ["error: --chunk: 0 (samples per turn, at least 1)"]
