@@ -9,8 +9,8 @@ keeping its heap to itself, as a loader worker runs one pipeline):
     mmdet                mmdet's transforms, glibc's own heap thresholds: mmengine's Runner's workers
     ours                 det-mmdet's (``fast_transforms.swap``, ``data.fast_transforms: true``), the heap
                          kept (``worker_heap.reuse``, ``data.reuse_worker_heap: true``): det-mmdet's workers
-    mmdet, heap kept     what det-mmdet's workers give ``data.fast_transforms: false``
-    ours, glibc's heap   det-mmdet's transforms with ``data.reuse_worker_heap: false``
+    mmdet (heap kept)    what det-mmdet's workers give ``data.fast_transforms: false``
+    ours (glibc's heap)  det-mmdet's transforms with ``data.reuse_worker_heap: false``
 
 The four make the same ``--samples`` samples from the same random state, taking turns every ``--chunk``
 samples (who goes first rotating), so that the machine's drifts in speed fall on all alike; median of
@@ -32,6 +32,7 @@ import json
 import os
 import platform
 import random
+import resource
 import statistics
 import sys
 import tempfile
@@ -52,8 +53,8 @@ sys.path.insert(0, str(ROOT / "model_def"))
 WORKERS = {
     "mmdet": (False, False),
     "ours": (True, True),
-    "mmdet, heap kept": (False, True),
-    "ours, glibc's heap": (True, False),
+    "mmdet (heap kept)": (False, True),
+    "ours (glibc's heap)": (True, False),
 }
 CONFIGS = {
     "rtmdet_s": ("RTMDet-s", "rtmdet/rtmdet_s_8xb32-300e_coco.py"),
@@ -248,6 +249,8 @@ def worker(conn, config: str, root: str, fast: bool, heap_kept: bool) -> None:
             conn.send(run(dataset, value, clock))
         elif kind == "clock":
             conn.send(dict(clock.ms))
+        elif kind == "peak":  # the process's peak resident memory, MB
+            conn.send(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 
 
 def measure(name: str, config: str, root: Path, args) -> dict:
@@ -280,7 +283,7 @@ def timed_ways(name: str, config: str, conns: dict, args) -> dict:
         samples[way] = conn.recv()
     same = sameness(samples["mmdet"], samples["ours"])
     if not (
-        equal(samples["mmdet"], samples["mmdet, heap kept"]) and equal(samples["ours"], samples["ours, glibc's heap"])
+        equal(samples["mmdet"], samples["mmdet (heap kept)"]) and equal(samples["ours"], samples["ours (glibc's heap)"])
     ):
         same = "NO (the heap setting changed a sample)"
     seconds: dict[str, list[float]] = {way: [] for way in conns}
@@ -300,6 +303,9 @@ def timed_ways(name: str, config: str, conns: dict, args) -> dict:
             per_transform[way].append({k: v / args.samples for k, v in conn.recv().items()})
             seconds[way].append(spent[way])
     result: dict[str, Any] = {"name": name, "config": config, "same": same}
+    for way, conn in conns.items():
+        conn.send(("peak", None))
+        result.setdefault("peak_mb", {})[way] = conn.recv()
     for way in ways:
         s = statistics.median(seconds[way])
         result[way] = {
@@ -366,8 +372,8 @@ def table(results: list[dict], top: int) -> str:
         mm, fast = mmdet["transforms"], ours["transforms"]
         biggest = sorted(mm, key=mm.get, reverse=True)[:top]
         where = ", ".join(f"{k} {mm[k]:.1f} -> {fast.get(k, 0.0):.1f}" for k in biggest)
-        glibc = r["ours, glibc's heap"]["rate"] / mmdet["rate"]
-        kept = ours["rate"] / r["mmdet, heap kept"]["rate"]
+        glibc = r["ours (glibc's heap)"]["rate"] / mmdet["rate"]
+        kept = ours["rate"] / r["mmdet (heap kept)"]["rate"]
         lines.append(
             f"| {r['name']} (`{Path(r['config']).name}`) | {mmdet['ms']:.1f} | {ours['ms']:.1f} | "
             f"{mmdet['rate']:.0f} | {ours['rate']:.0f} | {ours['rate'] / mmdet['rate']:.2f}x | "
@@ -400,6 +406,9 @@ def main() -> None:
         f"{args.chunk} samples, torch/OpenCV threads 1; {platform.processor() or 'cpu'}, {os.cpu_count()} cores"
     )
     print(table(results, args.top))
+    print("\nPeak resident memory of each process, MB (" + ", ".join(WORKERS) + "):")
+    for r in results:
+        print(f"- {r['name']}: " + ", ".join(f"{r['peak_mb'][way]:.0f}" for way in WORKERS))
 
 
 if __name__ == "__main__":
