@@ -28,6 +28,7 @@ loads itself count as LoadImageFromFile).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -232,7 +233,8 @@ def worker(conn, config: str, root: str, fast: bool, heap_kept: bool) -> None:
     init_default_scope("mmdet")
     if heap_kept:
         worker_heap.reuse()
-    dataset = build(train_dataset_cfg(config, Path(root)), fast)
+    with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):  # pycocotools' index messages
+        dataset = build(train_dataset_cfg(config, Path(root)), fast)
     clock = Clock()
     time_transforms(dataset, clock)
     conn.send(len(dataset))

@@ -367,7 +367,7 @@ def test_pack_equals_mmdet(masks):
             rows, cols = {1: (1, 1), 5: (1, -1), 9: (-1, 1), 13: (-1, -1)}[seed]
             results["img"] = photo(rng, 40, 50)[5:35, 3:47][::rows, ::cols]
         elif seed % 4 == 2:
-            results["img"] = results["img"].astype(np.float32)
+            results["img"] = results["img"].astype(np.float32)[:: -1 if seed % 8 == 6 else 1]  # mirrored or not
         elif seed % 4 == 3:
             results["img"] = results["img"][..., 0]  # one channel, no channel axis: mmdet's code
             results.pop("gt_ignore_flags")

@@ -686,27 +686,40 @@ class FastPackDetInputs(mmdet_formatting.PackDetInputs):
         if "gt_ignore_flags" in rest and plain_bitmaps(rest.get("gt_masks")):
             rest["gt_masks"] = IndexedOnce(rest["gt_masks"])  # mmdet only indexes them (valid / ignored)
         packed = super().transform(rest)
-        return {"inputs": torch.from_numpy(channels_first(unmirrored(img))), **packed}
+        return {"inputs": torch.from_numpy(channels_first(img)), **packed}
 
 
 def channels_first(img: np.ndarray) -> np.ndarray:
-    """``np.stack(cv2.split(img))``, OpenCV splitting the channels straight into the (c, h, w) array."""
-    out = np.empty((img.shape[2], *img.shape[:2]), dtype=img.dtype)
-    planes = cv2.split(img, list(out))
-    if all(p.ctypes.data == o.ctypes.data for p, o in zip(planes, out, strict=True)):
-        return out
-    return np.stack(planes)  # (OpenCV's binding made planes of its own)
+    """``np.stack(cv2.split(img))``, OpenCV splitting the channels straight into the (c, h, w) array. A
+    mirrored view (``RandomFlip``'s) is split from the array it views and each plane mirrored back in
+    place: no mirrored copy of the whole image (one large block less to allocate and free a sample)."""
+    code, view = mirrored_view(img)
+    if code is None:
+        view = unmirrored(img)
+    out = np.empty((view.shape[2], *view.shape[:2]), dtype=view.dtype)
+    planes = cv2.split(view, list(out))
+    if not all(p.ctypes.data == o.ctypes.data for p, o in zip(planes, out, strict=True)):
+        return np.stack(planes if code is None else [cv2.flip(p, code) for p in planes])  # (OpenCV made its own)
+    for plane in out if code is not None else ():
+        cv2.flip(plane, code, dst=plane)  # in place: OpenCV swaps mirrored pairs
+    return out
+
+
+def mirrored_view(img: Any) -> tuple[int | None, Any]:
+    """For a mirrored view of an array (as ``mmcv.imflip`` returns) that OpenCV can take un-mirrored:
+    ``cv2.flip``'s code and the view with positive strides; else (None, None)."""
+    if not isinstance(img, np.ndarray) or img.ndim not in (2, 3) or img.size == 0:
+        return None, None
+    code = {(True, False): 0, (False, True): 1, (True, True): -1}.get((img.strides[0] < 0, img.strides[1] < 0))
+    if code is None or img.dtype not in OPENCV_DTYPES or (img.ndim == 3 and (img.strides[2] < 0 or img.shape[2] < 3)):
+        return None, None  # (OpenCV returns one channel without its axis; numpy's copy then)
+    return code, img[:: -1 if code in (0, -1) else 1, :: -1 if code in (1, -1) else 1]
 
 
 def unmirrored(img: Any) -> Any:
     """``img`` with positive strides: a mirrored view (as ``mmcv.imflip`` returns) copied back by OpenCV."""
-    if not isinstance(img, np.ndarray) or img.ndim not in (2, 3) or img.size == 0:
-        return img
-    code = {(True, False): 0, (False, True): 1, (True, True): -1}.get((img.strides[0] < 0, img.strides[1] < 0))
-    if code is None or img.dtype not in OPENCV_DTYPES or (img.ndim == 3 and (img.strides[2] < 0 or img.shape[2] < 3)):
-        return img  # (OpenCV returns one channel without its axis; numpy's copy then)
-    view = img[:: -1 if code in (0, -1) else 1, :: -1 if code in (1, -1) else 1]
-    return cv2.flip(view, code)
+    code, view = mirrored_view(img)
+    return img if code is None else cv2.flip(view, code)
 
 
 class IndexedOnce(BitmapMasks):
