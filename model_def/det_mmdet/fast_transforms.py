@@ -20,7 +20,10 @@ mmdet's own ``get_indexes`` and ``_get_hsv_gains``), and outputs equal bit for b
                          not of the whole sample (mmdet's caches hold every polygon of ``instances``)
     YOLOXHSVRandomAug    the hue/saturation/value shifts by lookup tables instead of int16 arrays,
                          only for the channels whose gain is not zero
-    PackDetInputs        the image made channels-first by ``cv2.split`` instead of torch's permute
+    RandomAffine         the warp's boxes moved in numpy around torch's own matrix product
+                         (``yolox_fast.FastRandomAffine``)
+    PackDetInputs        the image made channels-first by ``cv2.split`` instead of torch's permute (a
+                         mirrored view split from the array it views, each plane mirrored back in place)
     Resize, RandomFlip   bitmap masks resized / mirrored into one array (``BitmapMasks`` copies every
                          result twice, once more in its ``__init__``); uint8 ones only where their
                          nonzero boxes go (``mask_fast``, which also has ``LoadAnnotations``)
