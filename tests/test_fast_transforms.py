@@ -340,6 +340,9 @@ def test_pad_equals_mmdet(params, masks):
         h, w = (64, 64) if seed % 3 == 0 else tuple(int(v) for v in rng.integers(20, 64, 2))
         results = mirrored(rng, sample(rng, h, w, int(rng.integers(0, 4)), masks), seed)
         compare(slow, fast, results, seed)
+    already = sample(rng, 64, 64, 2, masks)  # already of the padded size: kept, not copied (same values)
+    img = already["img"]
+    assert fast(already)["img"] is img and already["pad_shape"] == (64, 64, 3)
 
 
 @pytest.mark.parametrize("params", [dict(scale=(640, 640), keep_ratio=True), dict(scale=(50, 40), keep_ratio=True)])

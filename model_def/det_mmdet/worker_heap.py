@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import ctypes
 import platform
+import sys
 from typing import Any
 
 from det_mmdet.errors import UserError
@@ -39,8 +40,8 @@ def check_setting(value: Any) -> bool:
 
 
 def available() -> bool:
-    """Whether this process's C library is glibc (whose ``mallopt`` takes these settings)."""
-    return platform.libc_ver()[0] == "glibc"
+    """Whether this process's C library is a 64-bit glibc (whose ``mallopt`` takes these settings)."""
+    return platform.libc_ver()[0] == "glibc" and sys.maxsize > 2**32
 
 
 def reuse() -> None:
@@ -57,7 +58,7 @@ def startup_line(enabled: bool) -> str:
     if not enabled:
         return f"loader workers: glibc's own heap thresholds ({KNOB}: false)"
     if not available():
-        return f"loader workers: the C library's own heap settings ({KNOB} needs glibc; this is {platform.system()})"
+        return f"loader workers: the C library's own heap settings ({KNOB} needs a 64-bit glibc; not here)"
     return (
         f"loader workers keep freed memory: heap blocks under {MMAP_THRESHOLD_MB} MB, "
         f"up to {TRIM_THRESHOLD_MB} MB free kept ({KNOB})"
