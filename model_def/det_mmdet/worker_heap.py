@@ -5,16 +5,17 @@ A training pipeline allocates and frees images of megabytes every sample: mmdet'
 threshold by ``mmap`` and gives the top of its heap back to the system once more than its trim
 threshold is free there (both follow the largest block freed lately, the trim threshold at twice
 the mmap one), so a sample's arrays keep coming back as fresh pages, which the kernel hands out
-zeroed one 4 KB page fault at a time. In loader workers forked as the trial forks them, mmdet's
-YOLOX-tiny pipeline took 3,100 page faults and 30 ms a sample, det-mmdet's 700 faults and 12 ms;
-with the settings below 2 and 21 ms, 3 and 10.6 ms (bench/README.md, "Worker heap").
+zeroed one 4 KB page fault at a time. How often depends on the process's allocation history: mmdet's
+YOLOX-tiny pipeline took up to 3,100 page faults a sample and 20-39 ms a sample from process to
+process; with the settings below about 2 faults, and steady (bench/README.md, "The heap", in
+"Training pipelines per CPU core").
 
 :func:`reuse`, run in each loader worker when ``data.reuse_worker_heap`` is true (the default), sets
 through glibc's ``mallopt``: blocks under 32 MB (the most glibc takes) come from the heap, and up to
 64 MB may lie free at its top. A worker then holds on to what it freed (up to 64 MB more than it
 uses at a time) instead of asking the kernel again. The trial process itself keeps glibc's
-defaults, so ``num_workers=0`` runs are as before. Where the C library is not glibc (macOS, musl),
-nothing changes and the start-up line says so.
+defaults, so ``num_workers=0`` runs are as before. Where the C library is not a 64-bit glibc (macOS,
+musl), nothing changes and the start-up line says so.
 """
 
 from __future__ import annotations
