@@ -11,6 +11,7 @@ import copy
 import json
 import random
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -264,7 +265,10 @@ def test_cached_mosaic_equals_mmdet(params, masks):
 # ---- YOLOXHSVRandomAug -----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("params", [dict(), dict(hue_delta=90, saturation_delta=200, value_delta=200)])
+@pytest.mark.parametrize(
+    "params",
+    [dict(), dict(hue_delta=90, saturation_delta=200, value_delta=200), dict(hue_delta=400, saturation_delta=600)],
+)
 def test_hsv_equals_mmdet(params):
     slow, fast = pair(T.YOLOXHSVRandomAug, F.FastYOLOXHSVRandomAug, **params)
     rng = np.random.default_rng(4)
@@ -275,16 +279,75 @@ def test_hsv_equals_mmdet(params):
         compare(slow, fast, results, seed)
 
 
+def every_colour() -> np.ndarray:
+    """A 4096x4096 BGR image holding each of the 2**24 8-bit colours once."""
+    colours = np.arange(1 << 24, dtype=np.uint32)
+    return np.stack([colours >> 16, (colours >> 8) & 255, colours & 255], -1).astype(np.uint8).reshape(4096, 4096, 3)
+
+
+def test_hsv_equals_mmdet_on_every_colour():
+    """Every colour through mmdet's int16 shifts and ours, for draws that shift all three channels
+    (hue both ways, saturation and value up and down)."""
+    slow, fast = pair(T.YOLOXHSVRandomAug, F.FastYOLOXHSVRandomAug, hue_delta=5, saturation_delta=30, value_delta=30)
+    img, signs = every_colour(), set()
+    for seed in range(200):
+        np.random.seed(seed)
+        gains = slow._get_hsv_gains()
+        if gains.all() and tuple(np.sign(gains)) not in signs:
+            signs.add(tuple(np.sign(gains)))
+            compare(slow, fast, {"img": img}, seed)
+    assert len(signs) >= 4, signs
+
+
+def test_hsv_shifts_are_mmdets_clip_for_every_level_and_gain():
+    """Saturation and value: ``clip(x + g, 0, 255)`` for every level and int16 gain, whichever sign each has."""
+    fast = F.FastYOLOXHSVRandomAug()
+    sat, val = np.meshgrid(np.arange(256), np.arange(256), indexing="ij")
+    img = cv2.cvtColor(np.stack([np.full_like(sat, 30), sat, val], -1).astype(np.uint8), cv2.COLOR_HSV2BGR)
+    hsv = cv2.cvtColor(img, cv2.COLOR_BGR2HSV)  # what the shifts are given
+    assert all(len(np.unique(hsv[..., c])) == 256 for c in (1, 2))  # every saturation and value level
+    for gain in [*range(-600, 601), -32767, 32767]:
+        for gains in ([0, gain, gain], [0, gain, -gain], [0, 0, gain]):
+            gains = np.array(gains, np.int16)
+            fast._get_hsv_gains = lambda gains=gains: gains
+            expected = hsv.astype(np.int16)
+            expected[..., 1:] = np.clip(expected[..., 1:] + gains[1:], 0, 255)
+            out = fast.transform({"img": img.copy()})["img"]
+            assert np.array_equal(out, cv2.cvtColor(expected.astype(np.uint8), cv2.COLOR_HSV2BGR)), gains
+
+
 def test_opencv_hue_is_at_most_179():
     """Why a zero hue gain may skip mmdet's ``(h + 0) % 180``: every 8-bit colour's hue is below 180."""
     import cv2
 
-    colours = np.arange(1 << 24, dtype=np.uint32)
-    img = np.stack([colours >> 16, (colours >> 8) & 255, colours & 255], -1).astype(np.uint8).reshape(4096, 4096, 3)
-    assert cv2.cvtColor(img, cv2.COLOR_BGR2HSV)[..., 0].max() == 179
+    assert cv2.cvtColor(every_colour(), cv2.COLOR_BGR2HSV)[..., 0].max() == 179
 
 
 # ---- Resize / RandomFlip (bitmap masks) -------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        dict(scale=(64, 48), keep_ratio=True),  # YOLOX's: the image keeps its size
+        dict(scale=(90, 60), keep_ratio=True),
+        dict(scale=(50, 70), keep_ratio=False, clip_object_border=False),
+    ],
+)
+def test_resize_boxes_equal_mmdets(params):
+    """Boxes over the border (clipped or not), zeros of both signs, none at all; the same box object."""
+    slow, fast = pair(T.Resize, F.FastResize, **params)
+    rng = np.random.default_rng(16)
+    for seed in range(12):
+        results = sample(rng, 48, 64, int(rng.integers(0, 5)))
+        boxes = results["gt_bboxes"].tensor
+        boxes[:, 2:] += torch.from_numpy(rng.uniform(-5, 30, (len(boxes), 2)).astype(np.float32))
+        boxes[: seed % 3, 0] = -0.0 if seed % 2 else -3.5
+        a = compare(slow, fast, results, seed)["gt_bboxes"].tensor
+        before = results["gt_bboxes"]
+        b = fast(results)["gt_bboxes"]
+        assert b is before  # the same object given new coordinates, as by mmdet's rescale_ and clip_
+        assert torch.equal(a.view(torch.int32), b.tensor.view(torch.int32))  # every bit (zeros' signs too)
 
 
 @pytest.mark.parametrize("masks", [None, "bitmap", "polygon"])

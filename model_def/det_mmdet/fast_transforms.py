@@ -543,14 +543,20 @@ class FastCachedMosaic(MosaicPixels, mmdet_transforms.CachedMosaic):
 
 @TRANSFORMS.register_module(name="FastYOLOXHSVRandomAug", force=True)
 class FastYOLOXHSVRandomAug(mmdet_transforms.YOLOXHSVRandomAug):
-    """mmdet's ``YOLOXHSVRandomAug``: each shifted channel through a lookup table, the others left alone.
+    """mmdet's ``YOLOXHSVRandomAug``: saturation and value shifted by OpenCV's saturating adds on the
+    interleaved HSV image, the hue through a lookup table on its own plane, nothing for a zero gain.
 
-    mmdet shifts all three channels in int16 arrays. A zero gain (half of them: mmdet multiplies the
-    gains by ``randint(0, 2)``) changes nothing: OpenCV's 8-bit hue is at most 179, so ``h % 180`` is
-    ``h``; ``clip(s + 0)`` is ``s``. The HSV round trip itself stays, as it changes the image.
+    mmdet shifts all three channels in int16 arrays: ``clip(s + g, 0, 255)`` is OpenCV's saturating
+    8-bit add of ``min(g, 255)`` for a gain above zero, its subtract of ``min(-g, 255)`` for one below
+    (every level, every gain: ``tests/test_fast_transforms.py``), and ``(h + g) % 180`` a table of 256
+    levels (so are saturation and value where a gain beyond ``NO_WRAP`` wraps mmdet's sum). A zero gain
+    (half of them: mmdet multiplies the gains by ``randint(0, 2)``) changes nothing: OpenCV's 8-bit hue
+    is at most 179, so ``h % 180`` is ``h``; ``clip(s + 0)`` is ``s``. The HSV round trip itself stays,
+    as it changes the image.
     """
 
     LEVELS = np.arange(256, dtype=np.int16)
+    NO_WRAP = 32767 - 255  # larger gains wrap around in mmdet's int16 sums: then tables, as for the hue
 
     def transform(self, results: dict) -> dict:
         img = results["img"]
@@ -558,13 +564,18 @@ class FastYOLOXHSVRandomAug(mmdet_transforms.YOLOXHSVRandomAug):
             return super().transform(results)
         gains = self._get_hsv_gains()
         hsv = cv2.cvtColor(img, cv2.COLOR_BGR2HSV)
-        if gains.any():
-            planes = list(cv2.split(hsv))
-            for channel in np.flatnonzero(gains):
-                shifted = self.LEVELS + gains[channel]
-                table = shifted % 180 if channel == 0 else np.clip(shifted, 0, 255)
-                planes[channel] = cv2.LUT(planes[channel], table.astype(np.uint8))
-            hsv = cv2.merge(planes)
+        shifts = gains[1:].astype(np.int32)
+        wraps = np.abs(shifts).max() > self.NO_WRAP
+        up, down = np.clip(shifts, 0, 255).tolist(), np.clip(-shifts, 0, 255).tolist()
+        if not wraps and any(up):  # 8-bit scalars: OpenCV's vector path (others are 100x slower)
+            cv2.add(hsv, (0, *up, 0), dst=hsv)
+        if not wraps and any(down):
+            cv2.subtract(hsv, (0, *down, 0), dst=hsv)
+        for channel in np.flatnonzero(gains) if wraps else [0] if gains[0] else []:
+            shifted = self.LEVELS + gains[channel]  # int16, wrapping where mmdet's int16 sum wraps
+            plane = cv2.extractChannel(hsv, int(channel))
+            cv2.LUT(plane, (shifted % 180 if channel == 0 else np.clip(shifted, 0, 255)).astype(np.uint8), dst=plane)
+            cv2.insertChannel(plane, hsv, int(channel))
         cv2.cvtColor(hsv, cv2.COLOR_HSV2BGR, dst=img)  # in place, as mmdet's
         results["img"] = img
         return results
@@ -616,7 +627,7 @@ def flipped_bitmaps(masks: BitmapMasks, direction: str) -> BitmapMasks:
 @TRANSFORMS.register_module(name="FastResize", force=True)
 class FastResize(mmdet_transforms.Resize):
     """mmdet's ``Resize``; a mirrored image copied back first (see ``FastPad``), bitmap masks rescaled
-    without the two copies ``BitmapMasks.rescale`` makes."""
+    without the two copies ``BitmapMasks.rescale`` makes, float32 boxes rescaled and clipped in numpy."""
 
     def _resize_img(self, results: dict) -> None:
         img = results.get("img", None)
@@ -627,6 +638,17 @@ class FastResize(mmdet_transforms.Resize):
                 results.update(img_shape=img.shape[:2], scale_factor=(1.0, 1.0), keep_ratio=True)
                 return
         super()._resize_img(results)
+
+    def _resize_bboxes(self, results: dict) -> None:
+        boxes = results.get("gt_bboxes", None)
+        if not (plain_boxes(boxes) and boxes.tensor.dim() == 2):
+            return super()._resize_bboxes(results)
+        # HorizontalBoxes.rescale_ (a new product by the float32 factors) and clip_, in numpy; the same object
+        scaled = boxes.tensor.numpy() * np.tile(np.array(results["scale_factor"], dtype=np.float32), 2)
+        if self.clip_object_border:
+            clip_boxes(scaled, results["img_shape"])
+        boxes.tensor = torch.from_numpy(scaled)
+        return None
 
     def _resize_masks(self, results: dict) -> None:
         masks = results.get("gt_masks", None)
