@@ -318,8 +318,6 @@ def test_hsv_shifts_are_mmdets_clip_for_every_level_and_gain():
 
 def test_opencv_hue_is_at_most_179():
     """Why a zero hue gain may skip mmdet's ``(h + 0) % 180``: every 8-bit colour's hue is below 180."""
-    import cv2
-
     assert cv2.cvtColor(every_colour(), cv2.COLOR_BGR2HSV)[..., 0].max() == 179
 
 

@@ -565,20 +565,27 @@ class FastYOLOXHSVRandomAug(mmdet_transforms.YOLOXHSVRandomAug):
         gains = self._get_hsv_gains()
         hsv = cv2.cvtColor(img, cv2.COLOR_BGR2HSV)
         shifts = gains[1:].astype(np.int32)
-        wraps = np.abs(shifts).max() > self.NO_WRAP
-        up, down = np.clip(shifts, 0, 255).tolist(), np.clip(-shifts, 0, 255).tolist()
-        if not wraps and any(up):  # 8-bit scalars: OpenCV's vector path (others are 100x slower)
-            cv2.add(hsv, (0, *up, 0), dst=hsv)
-        if not wraps and any(down):
-            cv2.subtract(hsv, (0, *down, 0), dst=hsv)
-        for channel in np.flatnonzero(gains) if wraps else [0] if gains[0] else []:
-            shifted = self.LEVELS + gains[channel]  # int16, wrapping where mmdet's int16 sum wraps
-            plane = cv2.extractChannel(hsv, int(channel))
-            cv2.LUT(plane, (shifted % 180 if channel == 0 else np.clip(shifted, 0, 255)).astype(np.uint8), dst=plane)
-            cv2.insertChannel(plane, hsv, int(channel))
+        if np.abs(shifts).max() > self.NO_WRAP:
+            tabled = np.flatnonzero(gains)
+        else:  # 8-bit scalars: OpenCV's vector path (others are 100x slower)
+            up, down = np.clip(shifts, 0, 255).tolist(), np.clip(-shifts, 0, 255).tolist()
+            if any(up):
+                cv2.add(hsv, (0, *up, 0), dst=hsv)
+            if any(down):
+                cv2.subtract(hsv, (0, *down, 0), dst=hsv)
+            tabled = [0] if gains[0] else []
+        for channel in tabled:
+            self._shift_by_table(hsv, int(channel), gains[channel])
         cv2.cvtColor(hsv, cv2.COLOR_HSV2BGR, dst=img)  # in place, as mmdet's
         results["img"] = img
         return results
+
+    def _shift_by_table(self, hsv: np.ndarray, channel: int, gain: np.int16) -> None:
+        """mmdet's shift of one channel, ``(x + gain) % 180`` for the hue, else clipped, through a table."""
+        shifted = self.LEVELS + gain  # int16, wrapping where mmdet's int16 sum wraps
+        plane = cv2.extractChannel(hsv, channel)
+        cv2.LUT(plane, (shifted % 180 if channel == 0 else np.clip(shifted, 0, 255)).astype(np.uint8), dst=plane)
+        cv2.insertChannel(plane, hsv, channel)
 
 
 # ---------------------------------------------------------------------------------------------
