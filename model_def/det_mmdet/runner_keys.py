@@ -84,7 +84,7 @@ SECTIONS: dict[str, dict[str, tuple[str, str]]] = {
         "constructor": (HONOURED, "mmengine's optimizer constructors"),
         "clip_grad": (HONOURED, "gradient clipping before each step"),
         "accumulative_counts": (REPLACED, "Determined's aggregation_frequency"),
-        "loss_scale": (HONOURED, "AmpOptimWrapper's dynamic loss scale (torch.amp.GradScaler)"),
+        "loss_scale": (HONOURED, "AmpOptimWrapper's 'dynamic', fixed (a number) or GradScaler-argument scale"),
         "dtype": (HONOURED, "float16 or bfloat16 autocast"),
         "use_fsdp": (REFUSED, "Determined wraps the model in DistributedDataParallel"),
     },

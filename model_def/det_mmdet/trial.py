@@ -15,7 +15,6 @@ run where mmengine's Runner runs them (``hooks.py``). One training step:
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import inspect
@@ -33,6 +32,7 @@ import torch.distributed as dist
 from determined import pytorch
 
 from det_mmdet import (
+    amp,
     checkpoint,
     data,
     environment,
@@ -49,7 +49,7 @@ from det_mmdet import (
 )
 from det_mmdet.errors import UserError
 from det_mmdet.evaluation import EvaluatorReducer
-from det_mmdet.runner import Schedule
+from det_mmdet.runner import Schedule, aggregation_frequency
 
 logger = logging.getLogger("det_mmdet")
 
@@ -226,9 +226,11 @@ class MMDetTrial(pytorch.PyTorchTrial):
         unsupported.check_model(model, context.device)  # mmcv ops this build has for CUDA only
         if cfg.get("find_unused_parameters"):
             find_unused_parameters_in_ddp(context)
+        self.autocast, scaler = amp.settings(cfg.optim_wrapper.to_dict(), context.device)
+        self.scaler = context.wrap_scaler(scaler) if scaler is not None else None  # Determined: before wrap_model
+        self.accumulate = aggregation_frequency(cfg)  # the aggregation_frequency Determined was started with
         self.model = context.wrap_model(model)
-        self.optimizer, self.clip_grad, self.autocast, scaler, optim_wrapper = self._build_optimizer(cfg, model)
-        self.scaler = context.wrap_scaler(scaler) if scaler is not None else None
+        self.optimizer, self.clip_grad, optim_wrapper = self._build_optimizer(cfg, model)
         epoch_len = self.epoch_len = self._epoch_length(slots)
         self.iter_schedulers, self.epoch_schedulers = self._build_schedulers(cfg, epoch_len)
 
@@ -272,36 +274,19 @@ class MMDetTrial(pytorch.PyTorchTrial):
         return model
 
     def _build_optimizer(self, cfg, model):
-        """Optimizer with mmengine's param-wise rules; clipping and AMP are applied by us."""
+        """Optimizer with mmengine's param-wise rules; clipping and AMP (``amp.settings``) are applied by us."""
         from mmengine.optim import build_optim_wrapper
 
         wrapper_cfg = copy.deepcopy(cfg.optim_wrapper.to_dict())
-        kind = wrapper_cfg.pop("type", "OptimWrapper")
         clip_grad = wrapper_cfg.pop("clip_grad", None)
-        dtype = wrapper_cfg.pop("dtype", None)
-        for amp_only in ("loss_scale", "use_fsdp", "accumulative_counts"):
-            wrapper_cfg.pop(amp_only, None)  # accumulative_counts -> Determined aggregation_frequency
+        for key in ("type", "dtype", "loss_scale", "use_fsdp", "accumulative_counts"):
+            wrapper_cfg.pop(key, None)  # read by amp.settings, runner_keys, Determined's aggregation_frequency
         with logs.quiet_mmengine(), logs.harmless_dropped():  # INFO per parameter; shared modules
             built = build_optim_wrapper(model, dict(type="OptimWrapper", **wrapper_cfg))
         optimizer = self.context.wrap_optimizer(built.optimizer)
         built.optimizer = optimizer  # hooks read learning rates through the wrapper (RuntimeInfoHook)
         self._scale_lr(cfg.get("auto_scale_lr"), optimizer)  # before the schedulers record initial lrs
-
-        autocast: contextlib.AbstractContextManager = contextlib.nullcontext()
-        scaler = None
-        if kind == "AmpOptimWrapper" and self.context.device.type != "cuda":
-            # mmcv's CPU kernels (nms, RoIAlign) are float32-only, as mmengine's AmpOptimWrapper knows.
-            logger.warning("optim_wrapper.type AmpOptimWrapper: no GPU here, training in float32")
-        elif kind == "AmpOptimWrapper":
-            amp_dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(dtype or "float16")
-            if amp_dtype is None:
-                raise UserError(f"optim_wrapper.dtype {dtype!r}: choose float16 or bfloat16")
-            autocast = torch.autocast(device_type="cuda", dtype=amp_dtype)
-            if amp_dtype == torch.float16:
-                scaler = torch.amp.GradScaler("cuda")
-        elif kind != "OptimWrapper":
-            raise UserError(f"optim_wrapper.type {kind!r}: choose OptimWrapper or AmpOptimWrapper")
-        return optimizer, clip_grad, autocast, scaler, built
+        return optimizer, clip_grad, built
 
     def _epoch_length(self, slots: int) -> int:
         return epoch_length(len(self.train_set), self.batch_size, slots)
@@ -537,6 +522,10 @@ class MMDetTrial(pytorch.PyTorchTrial):
                 value = (v.detach() if torch.is_tensor(v) else torch.tensor(float(v))) * weight
                 outputs[k] = outputs[k] + value if k in outputs else value
         self.context.step_optimizer(self.optimizer, clip_grads=self._clip, scaler=self.scaler)
+        if self.scaler is not None and (batch_idx + 1) % self.accumulate == 0:
+            # Determined steps through a scaler from wrap_scaler but leaves its update to the trial, once
+            # after each optimizer step (it skips the step between aggregation boundaries).
+            self.scaler.update()
         return outputs
 
     def _losses(self, part: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

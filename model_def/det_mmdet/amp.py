@@ -1,0 +1,82 @@
+"""Mixed precision as mmengine's ``AmpOptimWrapper`` configures it: the autocast context and the loss scaler.
+
+The trial decides both before it wraps the model, because Determined takes a scaler only before
+``wrap_model``. ``loss_scale`` keeps mmengine's three meanings: ``"dynamic"`` (the default), a number (a
+fixed scale: mmengine hands it to every ``update()``, so the scale never moves), or a dict of
+``torch.amp.GradScaler`` arguments.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import warnings
+from typing import Any
+
+import torch
+
+from det_mmdet.errors import UserError
+
+logger = logging.getLogger("det_mmdet")
+
+KINDS = ("OptimWrapper", "AmpOptimWrapper")
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class FixedLossScale(torch.amp.GradScaler):
+    """A numeric ``loss_scale``: steps with inf/NaN gradients are skipped, the scale stays where it is."""
+
+    def __init__(self, scale: float) -> None:
+        super().__init__("cuda", init_scale=scale)
+        self.fixed = scale
+
+    def update(self, new_scale: float | torch.Tensor | None = None) -> None:
+        super().update(self.fixed if new_scale is None else new_scale)
+
+
+def settings(
+    wrapper_cfg: dict[str, Any], device: torch.device
+) -> tuple[contextlib.AbstractContextManager, torch.amp.GradScaler | None]:
+    """``optim_wrapper``'s ``type``, ``dtype`` and ``loss_scale`` -> (autocast context, scaler or None)."""
+    kind = wrapper_cfg.get("type", "OptimWrapper")
+    if kind not in KINDS:
+        raise UserError(f"optim_wrapper.type {kind!r}: choose OptimWrapper or AmpOptimWrapper")
+    if kind == "OptimWrapper":
+        return contextlib.nullcontext(), None
+    dtype = wrapper_cfg.get("dtype") or "float16"
+    if dtype not in DTYPES:
+        raise UserError(f"optim_wrapper.dtype {dtype!r}: choose float16 or bfloat16")
+    loss_scale = wrapper_cfg.get("loss_scale", "dynamic")
+    scaler = _scaler(loss_scale) if DTYPES[dtype] == torch.float16 else None  # bfloat16 needs no scaling
+    if device.type != "cuda":
+        # mmcv's CPU kernels (nms, RoIAlign) are float32-only, as mmengine's AmpOptimWrapper knows.
+        logger.warning("optim_wrapper.type AmpOptimWrapper: no GPU here, training in float32")
+        return contextlib.nullcontext(), None
+    return torch.autocast(device_type="cuda", dtype=DTYPES[dtype]), scaler
+
+
+def _scaler(loss_scale: Any) -> torch.amp.GradScaler:
+    """mmengine's reading of ``loss_scale`` (checked on every device, so a CPU run refuses what a GPU would)."""
+    if loss_scale == "dynamic":
+        return _on_gpu(lambda: torch.amp.GradScaler("cuda"))
+    if isinstance(loss_scale, (int, float)) and not isinstance(loss_scale, bool) and loss_scale > 0:
+        return _on_gpu(lambda: FixedLossScale(float(loss_scale)))
+    if isinstance(loss_scale, dict):
+        try:
+            return _on_gpu(lambda: torch.amp.GradScaler("cuda", **loss_scale))
+        except TypeError as exc:
+            message = f"optim_wrapper.loss_scale {loss_scale!r}: not torch.amp.GradScaler's arguments ({exc})"
+            raise UserError(message) from None
+    raise UserError(
+        f"optim_wrapper.loss_scale {loss_scale!r}: choose 'dynamic', a positive number (a fixed scale) "
+        "or a dict of torch.amp.GradScaler arguments"
+    )
+
+
+def _on_gpu(make):
+    """Build a scaler; on a machine without CUDA torch warns that it is disabled, which says nothing here."""
+    if torch.cuda.is_available():
+        return make()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*GradScaler is enabled, but CUDA is not available.*")
+        return make()
