@@ -41,6 +41,47 @@ def test_gpu_bench_refuses_without_a_gpu(tmp_path):
     assert not out.exists()
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
+def test_gpu_loader_bench_refuses_without_a_gpu(tmp_path):
+    out = tmp_path / "gpu_loader_results.md"
+    cmd = [sys.executable, "bench/gpu_loader.py", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last == "error: bench/gpu_loader.py: torch sees no CUDA GPU here; nothing measured"
+    assert not out.exists()
+
+
+def test_gpu_loader_bench_trains_mmdets_rtmdet_s_on_the_made_data(tmp_path, monkeypatch):
+    """Both ways of bench/gpu_loader.py train mmdet's own RTMDet-s config as shipped, reading the made JPEGs;
+    only the data section (det-mmdet's transforms and worker heap, or not) tells them apart."""
+    import mmdet
+    from mmdet.registry import DATASETS
+    from mmdet.utils import register_all_modules
+
+    from det_mmdet.config import build_config, experiment_from_dict
+
+    register_all_modules()
+
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    import gpu_loader
+    from pipeline import make_coco
+
+    make_coco(tmp_path, 3)
+    shipped = Config.fromfile(os.path.join(mmdet.__path__[0], ".mim/configs", gpu_loader.CONFIG))
+    shipped.model.backbone.init_cfg = None  # the one change: random backbone weights (nothing downloads)
+    for fast in (False, True):
+        exp = experiment_from_dict(gpu_loader.experiment(tmp_path, fast))
+        assert exp.data == {"fast_transforms": fast, "reuse_worker_heap": fast}
+        cfg = build_config(exp)
+        assert cfg.model.to_dict() == shipped.model.to_dict()
+        assert cfg.train_dataloader.dataset.pipeline == shipped.train_dataloader.dataset.pipeline
+        assert cfg.train_dataloader.batch_size == gpu_loader.BATCH == shipped.train_dataloader.batch_size
+        dataset = DATASETS.build(cfg.train_dataloader.dataset)
+        assert len(dataset) == 3
+        assert dataset.get_data_info(0)["img_path"] == f"{tmp_path}/train/000000.jpg"
+
+
 def test_throughput_bench_runs_both_trainers(tmp_path):
     """A miniature run of bench/throughput.py: both trainers train, validate and are reported."""
     cmd = [sys.executable, "bench/throughput.py", "--repeats", "1", "--short", "1", "--long", "2"]
