@@ -35,6 +35,7 @@ def test_plain_wrapper_has_no_autocast_and_no_scaler():
         ),
         ({"type": "AmpOptimWrapper", "loss_scale": -1.0}, "optim_wrapper.loss_scale -1.0: choose"),
         ({"type": "AmpOptimWrapper", "loss_scale": {"scale": 8}}, "optim_wrapper.loss_scale {'scale': 8}: not"),
+        ({"type": "AmpOptimWrapper", "dtype": "bfloat16", "loss_scale": "x"}, "optim_wrapper.loss_scale 'x': choose"),
     ],
 )
 def test_bad_amp_keys_are_refused_on_every_device(cfg, message):

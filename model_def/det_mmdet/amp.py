@@ -46,8 +46,9 @@ def settings(
     dtype = wrapper_cfg.get("dtype") or "float16"
     if dtype not in DTYPES:
         raise UserError(f"optim_wrapper.dtype {dtype!r}: choose float16 or bfloat16")
-    loss_scale = wrapper_cfg.get("loss_scale", "dynamic")
-    scaler = _scaler(loss_scale) if DTYPES[dtype] == torch.float16 else None  # bfloat16 needs no scaling
+    scaler = _scaler(wrapper_cfg.get("loss_scale", "dynamic"))  # checked for bfloat16 too, as mmengine does
+    if DTYPES[dtype] == torch.bfloat16:
+        scaler = None  # bfloat16 has float32's range: nothing to scale
     if device.type != "cuda":
         # mmcv's CPU kernels (nms, RoIAlign) are float32-only, as mmengine's AmpOptimWrapper knows.
         logger.warning("optim_wrapper.type AmpOptimWrapper: no GPU here, training in float32")
