@@ -9,7 +9,7 @@ number of loader workers (the backbone from random weights: nothing downloads), 
 
 Each run is a process of its own. After ``--warmup`` training steps (workers started, mosaic caches filled)
 it times ``--batches`` steps: images/s from the moments the trial's training steps end (each step waits
-for the GPU), the step's own time (the images/s the GPU alone would take), and the GPU's utilisation as
+for the GPU), the step's own time (the images/s the step alone allows), and the GPU's utilisation as
 NVML reports it (the share of time a kernel ran), read every 100 ms by this script over the same window.
 The run's process ends right after the timed window: the final validation and checkpoint are not timed.
 ``--precision amp`` trains with ``optim_wrapper.type=AmpOptimWrapper`` (float16) instead, ``--precision fp32
@@ -182,7 +182,7 @@ def table(results: list[dict], device: str, args: argparse.Namespace) -> str:
         f"{args.repeats} run(s) a row)",
         "",
         "| loader workers | pipeline | images/s | GPU utilisation % | data wait ms / step | "
-        "step ms (GPU-bound images/s) | GPU memory GiB | first step after s |",
+        "training step ms (images/s it allows) | GPU memory GiB | first step after s |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     groups: dict[tuple, list[dict]] = {}
