@@ -46,7 +46,7 @@ bench: setup
 	$(BIN)/python bench/throughput.py
 	$(BIN)/python bench/scaling.py
 
-# The Runner-vs-det-mmdet comparison on one NVIDIA GPU (refuses to run without one).
+# The Runner-vs-det-mmdet comparison and the loader bench on one NVIDIA GPU (refuses to run without one).
 bench-gpu: setup
 	bash bench/gpu.sh
 
