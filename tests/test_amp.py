@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import subprocess
 import sys
@@ -108,7 +107,8 @@ def test_trial_hands_its_scaler_to_determined_and_updates_it_after_each_optimize
 ):
     """With a scaler (on a GPU: float16 AmpOptimWrapper), the trial wraps it before the model, as Determined
     requires, and updates it once after every optimizer step: Determined steps through it but leaves the
-    update to the trial, and skips the step between gradient-aggregation boundaries. Here torch's CPU
+    update to the trial, and skips the step between gradient-aggregation boundaries. Training steps run under
+    the training autocast, validation does not (the Runner's ValLoop doesn't either). Here torch's CPU
     GradScaler (a real, enabled one) takes the place of amp.settings' CUDA scaler."""
     from det_mmdet.cli import main
 
@@ -123,9 +123,31 @@ def test_trial_hands_its_scaler_to_determined_and_updates_it_after_each_optimize
             calls.append("update")
             super().update(new_scale)
 
-    monkeypatch.setattr(amp, "settings", lambda cfg, device: (contextlib.nullcontext(), RecordingScaler("cpu")))
+    class Autocast:  # amp.settings' autocast, recorded
+        def __enter__(self):
+            calls.append("autocast")
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(amp, "settings", lambda cfg, device: (Autocast(), RecordingScaler("cpu")))
     exp = write_experiment(tmp_path, shapes_hparams(shapes))
     argv = ["train", str(exp), "--max-batches", "4", "--output-dir", str(tmp_path / "out")]
     argv += ["--set", f"optim_wrapper.accumulative_counts={accumulate}"]
-    assert main(argv) == 0
-    assert calls == ["step", "update"] * (4 // accumulate)
+    assert main(argv) == 0  # 4 training steps, then a validation of the 16 images
+    per_step = ["autocast"] * accumulate + ["step", "update"]
+    assert calls == per_step * (4 // accumulate)
+
+
+def test_validation_runs_in_float32_unless_val_cfg_fp16(caplog):
+    """The Runner's ValLoop autocasts only with fp16=True, whatever the optimizer wrapper trains in."""
+    for val_cfg in ({}, {"type": "ValLoop"}, {"type": "ValLoop", "fp16": False}):
+        assert not isinstance(amp.validation(val_cfg, CUDA), torch.autocast)
+    assert not isinstance(amp.validation({"fp16": True}, torch.device("cpu")), torch.autocast)
+    assert "val_cfg.fp16: no GPU here, validating in float32" in caplog.text
+
+
+@needs_gpu
+def test_val_cfg_fp16_autocasts_validation_in_float16_on_a_gpu():
+    autocast = amp.validation({"type": "ValLoop", "fp16": True}, CUDA)
+    assert isinstance(autocast, torch.autocast) and autocast.fast_dtype == torch.float16

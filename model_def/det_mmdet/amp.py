@@ -1,9 +1,11 @@
-"""Mixed precision as mmengine's ``AmpOptimWrapper`` configures it: the autocast context and the loss scaler.
+"""Mixed precision as mmengine configures it: ``AmpOptimWrapper``'s autocast and loss scaler for training,
+``val_cfg.fp16`` for validation.
 
 The trial decides both before it wraps the model, because Determined takes a scaler only before
 ``wrap_model``. ``loss_scale`` keeps mmengine's three meanings: ``"dynamic"`` (the default), a number (a
 fixed scale: mmengine hands it to every ``update()``, so the scale never moves), or a dict of
-``torch.amp.GradScaler`` arguments.
+``torch.amp.GradScaler`` arguments. Validation runs in float32 unless ``val_cfg.fp16`` asks for float16,
+also when training with ``AmpOptimWrapper``: the Runner's ``ValLoop`` does not use the optimizer's autocast.
 """
 
 from __future__ import annotations
@@ -54,6 +56,16 @@ def settings(
         logger.warning("optim_wrapper.type AmpOptimWrapper: no GPU here, training in float32")
         return contextlib.nullcontext(), None
     return torch.autocast(device_type="cuda", dtype=DTYPES[dtype]), scaler
+
+
+def validation(val_cfg: dict[str, Any], device: torch.device) -> contextlib.AbstractContextManager:
+    """``val_cfg.fp16`` as mmengine's ``ValLoop`` reads it: float16 autocast around each validation step."""
+    if not val_cfg.get("fp16"):
+        return contextlib.nullcontext()
+    if device.type != "cuda":
+        logger.warning("val_cfg.fp16: no GPU here, validating in float32")
+        return contextlib.nullcontext()
+    return torch.autocast(device_type="cuda", dtype=torch.float16)
 
 
 def _scaler(loss_scale: Any) -> torch.amp.GradScaler:

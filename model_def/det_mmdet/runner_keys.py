@@ -75,7 +75,7 @@ SECTIONS: dict[str, dict[str, tuple[str, str]]] = {
     },
     "val_cfg": {
         "type": (HONOURED, "ValLoop"),
-        "fp16": (REFUSED, "validation runs in the training precision"),
+        "fp16": (HONOURED, "float16 autocast in validation on a GPU (else float32, also with AmpOptimWrapper)"),
     },
     "optim_wrapper": {
         "type": (HONOURED, "OptimWrapper or AmpOptimWrapper"),

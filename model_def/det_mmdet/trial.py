@@ -227,6 +227,7 @@ class MMDetTrial(pytorch.PyTorchTrial):
         if cfg.get("find_unused_parameters"):
             find_unused_parameters_in_ddp(context)
         self.autocast, scaler = amp.settings(cfg.optim_wrapper.to_dict(), context.device)
+        self.val_autocast = amp.validation(dict(cfg.get("val_cfg") or {}), context.device)  # float32 by default
         self.scaler = context.wrap_scaler(scaler) if scaler is not None else None  # Determined: before wrap_model
         self.accumulate = aggregation_frequency(cfg)  # the aggregation_frequency Determined was started with
         self.model = context.wrap_model(model)
@@ -567,7 +568,7 @@ class MMDetTrial(pytorch.PyTorchTrial):
 
     def evaluate_batch(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
         self.hooks.call("before_val_iter", batch_idx=batch_idx, data_batch=batch)
-        with torch.no_grad(), self.autocast:
+        with torch.no_grad(), self.val_autocast:
             inputs = self.model.data_preprocessor(batch, training=False)
             with unsupported.explained(self.cfg):
                 outputs = self.model(**inputs, mode="predict")
