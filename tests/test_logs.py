@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
+
 from conftest import det_mmdet, read_metrics, shapes_hparams, write_experiment
 
 NOISE = (
@@ -116,3 +119,18 @@ def test_predict_and_evaluate_keep_the_inferencers_chatter_unless_verbose(tmp_pa
         assert noise not in quiet.stdout + quiet.stderr, noise
         assert noise in loud.stdout + loud.stderr, noise
     assert " on 1 images -> " in quiet.stderr  # our own line stays
+
+
+def test_each_cli_call_logs_to_the_stderr_of_its_time(capsys):
+    """A second det-mmdet call in one process (a notebook, a test) prints where stderr is then, not where it
+    was at the first call."""
+    from det_mmdet.cli import logger, setup_logging
+
+    first = io.StringIO()
+    with contextlib.redirect_stderr(first):
+        setup_logging()
+        logger.info("first call")
+    setup_logging()
+    logger.info("second call")
+    assert first.getvalue() == "first call\n"
+    assert capsys.readouterr().err == "second call\n"

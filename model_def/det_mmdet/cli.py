@@ -34,6 +34,11 @@ def setup_logging(verbose: bool = False) -> None:
         handler.setFormatter(logging.Formatter("%(message)s"))
         logger.addHandler(handler)
         logger.propagate = False
+    for handler in logger.handlers:
+        if type(handler) is logging.StreamHandler:
+            # To the stderr of now, not of the first call: a later main() in the same process (a notebook, a
+            # test) may run with another one. Assigned, not setStream(): that flushes the old one, maybe closed.
+            handler.stream = sys.stderr
 
 
 def add_schedule_args(p: argparse.ArgumentParser) -> None:
