@@ -48,7 +48,9 @@ def settings(
     dtype = wrapper_cfg.get("dtype") or "float16"
     if dtype not in DTYPES:
         raise UserError(f"optim_wrapper.dtype {dtype!r}: choose float16 or bfloat16")
-    scaler = _scaler(wrapper_cfg.get("loss_scale", "dynamic"))  # checked for bfloat16 too, as mmengine does
+    with warnings.catch_warnings():  # without CUDA, torch says the scaler is disabled: here it is only checked
+        warnings.filterwarnings("ignore", message=".*GradScaler is enabled, but CUDA is not available.*")
+        scaler = _scaler(wrapper_cfg.get("loss_scale", "dynamic"))  # checked for bfloat16 too, as mmengine does
     if DTYPES[dtype] == torch.bfloat16:
         scaler = None  # bfloat16 has float32's range: nothing to scale
     if device.type != "cuda":
@@ -71,12 +73,12 @@ def validation(val_cfg: dict[str, Any], device: torch.device) -> contextlib.Abst
 def _scaler(loss_scale: Any) -> torch.amp.GradScaler:
     """mmengine's reading of ``loss_scale`` (checked on every device, so a CPU run refuses what a GPU would)."""
     if loss_scale == "dynamic":
-        return _on_gpu(lambda: torch.amp.GradScaler("cuda"))
+        return torch.amp.GradScaler("cuda")
     if isinstance(loss_scale, (int, float)) and not isinstance(loss_scale, bool) and loss_scale > 0:
-        return _on_gpu(lambda: FixedLossScale(float(loss_scale)))
+        return FixedLossScale(float(loss_scale))
     if isinstance(loss_scale, dict):
         try:
-            return _on_gpu(lambda: torch.amp.GradScaler("cuda", **loss_scale))
+            return torch.amp.GradScaler("cuda", **loss_scale)
         except TypeError as exc:
             message = f"optim_wrapper.loss_scale {loss_scale!r}: not torch.amp.GradScaler's arguments ({exc})"
             raise UserError(message) from None
@@ -84,12 +86,3 @@ def _scaler(loss_scale: Any) -> torch.amp.GradScaler:
         f"optim_wrapper.loss_scale {loss_scale!r}: choose 'dynamic', a positive number (a fixed scale) "
         "or a dict of torch.amp.GradScaler arguments"
     )
-
-
-def _on_gpu(make):
-    """Build a scaler; on a machine without CUDA torch warns that it is disabled, which says nothing here."""
-    if torch.cuda.is_available():
-        return make()
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*GradScaler is enabled, but CUDA is not available.*")
-        return make()
