@@ -85,14 +85,29 @@ def test_jpeg_size_is_the_decoded_size_or_none():
 
 @pytest.fixture(scope="module")
 def turned_coco(tiny_coco, tmp_path_factory):
-    """tiny_coco with one image saved with an Exif orientation (its size unknown from the header)."""
+    """tiny_coco with an image saved with an Exif orientation that turns it (its size unknown from the
+    header), one turned half round (the same size: decoded whole, by OpenCV) and a grayscale one."""
     import shutil
 
     root = tmp_path_factory.mktemp("turned_coco")
     shutil.copytree(tiny_coco, root, dirs_exist_ok=True)
-    first = sorted((root / "train").glob("*.jpg"))[0]
+    first, second, third = sorted((root / "train").glob("*.jpg"))[:3]
     first.write_bytes(encoded(cv2.imread(str(first)), exif=exif(6)))
+    second.write_bytes(encoded(cv2.imread(str(second)), exif=exif(3)))
+    third.write_bytes(cv2.imencode(".jpg", cv2.imread(str(third), cv2.IMREAD_GRAYSCALE))[1].tobytes())
     return root
+
+
+def at_scale(pipeline: list[dict], size: int) -> list[dict]:
+    """``pipeline`` at the images' own size (the mosaic pastes them unresized), its borders to match."""
+    for step in pipeline:
+        if "img_scale" in step:
+            step["img_scale"] = (size, size)
+        if step["type"] == "RandomAffine":
+            step["border"] = (-size // 2, -size // 2)
+        if step["type"] == "Resize":
+            step["scale"] = (size, size)
+    return pipeline
 
 
 def yolox_like(mosaic: dict | None = None, affine: dict | None = None) -> list[dict]:
@@ -107,6 +122,8 @@ def yolox_like(mosaic: dict | None = None, affine: dict | None = None) -> list[d
     [
         "yolox_s",
         "yolox_tiny",
+        "yolox_tiny_at_scale",
+        "yolox_s_at_scale",
         "mosaic_sometimes",
         "centre_anywhere",
         "affine_skipped",
@@ -120,6 +137,8 @@ def test_partners_the_warp_never_reads_are_not_decoded_and_samples_stay_the_same
     pipeline = {
         "yolox_s": yolox_like(),
         "yolox_tiny": yolox_like(affine=dict(scaling_ratio_range=(0.5, 1.5))),
+        "yolox_tiny_at_scale": at_scale(yolox_like(affine=dict(scaling_ratio_range=(0.5, 1.5))), 128),
+        "yolox_s_at_scale": at_scale(yolox_like(), 128),
         "mosaic_sometimes": yolox_like(mosaic=dict(prob=0.5)),
         "centre_anywhere": yolox_like(mosaic=dict(center_ratio_range=(0.0, 2.0)), affine=dict(max_rotate_degree=60)),
         "affine_skipped": yolox_like(),
@@ -133,15 +152,18 @@ def test_partners_the_warp_never_reads_are_not_decoded_and_samples_stay_the_same
     cfg = dict(type="MultiImageMixDataset", dataset=coco_cfg(turned_coco, loads), pipeline=pipeline)
     if variant == "affine_skipped":
         cfg["skip_type_keys"] = ["RandomAffine"]
-    Y.SKIPPED.update(decodes=0, canvases=0)
+    Y.SKIPPED.update(decodes=0, canvases=0, rows=0)
     ours, fast_names = samples(cfg, True, count=36)
-    skipped, parts = Y.SKIPPED["decodes"], Y.SKIPPED["canvases"]
+    skipped, parts, rows = Y.SKIPPED["decodes"], Y.SKIPPED["canvases"], Y.SKIPPED["rows"]
     theirs, slow_names = samples(cfg, False, count=36)
     assert_same(theirs, ours, pixels=AFTER_MIXUP)
     assert {"FastMultiImageMixDataset", "FastMosaic"} <= set(fast_names)
     assert not any(n.startswith("Fast") for n in slow_names)  # data.fast_transforms: false gives mmdet's own
     if variant in ("affine_skipped", "not_loading_only", "ignore_empty"):
-        assert skipped == parts == 0
+        assert skipped == parts == rows == 0
+    elif variant.endswith("_at_scale"):  # pieces pasted as they are: only the rows the warp reads decoded
+        assert rows >= 36 * 128 // 4, rows  # a quarter of a main image's rows a sample, on average
+        assert skipped >= 10, skipped
     else:
         assert skipped >= 10, skipped  # a third of the 108 partners or so
         assert parts >= 5, parts  # mosaics made only where the warp reads

@@ -1,22 +1,25 @@
-"""YOLOX's pipeline faster with the same outputs: mosaic partners that the affine warp never shows
-are not decoded, the mosaic is made only where the warp reads it, and the warp's boxes are moved in
-numpy (:class:`FastRandomAffine`).
+"""YOLOX's pipeline faster with the same outputs: of the mosaic's four images only the rows the
+affine warp reads are decoded (none of an image it never shows), the mosaic is made only where the
+warp reads it, and the warp's boxes are moved in numpy (:class:`FastRandomAffine`).
 
 YOLOX warps its 2x-sized mosaic with a random affine matrix that
 scales about the canvas's top-left corner (scale 0.1-2 for YOLOX-s): when it zooms in, the warp
 reads only the top-left part of the mosaic, and often no pixel of one to three of the other three
-images. :func:`partners` (called by ``FastMultiImageMixDataset`` to load a ``FastMosaic``'s
-partners) draws the mosaic's and the affine's random numbers ahead, on a copy of numpy's random
-state (both transforms draw from ``numpy.random`` and nothing draws in between), works out the
-part of the mosaic the warp reads (the output's corners mapped back, a margin for the bilinear
-neighbours), and for a partner whose pasted rectangle lies outside it loads the annotations but
-not the pixels: a zero image of the size its JPEG frame header gives. Its boxes are the same
-(they need only its size); its pixels are never read. Only where the pipeline is exactly
+images. ``FastMultiImageMixDataset`` loads a ``FastMosaic``'s first image (:func:`first_sample`)
+and its partners (:func:`partners`) here: the mosaic's choice of partners and the mosaic's and the
+affine's random numbers are drawn ahead, on a copy of numpy's random state (the three transforms
+draw from ``numpy.random`` and nothing draws in between), giving the part of the mosaic the warp
+reads (the output's corners mapped back, a margin for the bilinear neighbours). Each image pasted
+there unresized has only the rows that part covers decoded (:mod:`jpeg_rows`, libjpeg-turbo: the
+rows OpenCV decodes, bit for bit); one pasted outside it has its annotations loaded but not its
+pixels. Their boxes are the same (they need only the image's size, from the JPEG's frame header);
+the rows not decoded are never read. Only where the pipeline is exactly
 ``FastMosaic`` then ``RandomAffine`` (neither skipped), the inner dataset only loads (mmengine's
 ``BaseDataset``, ``LoadImageFromFile`` with defaults and ``LoadAnnotations`` for boxes), and
 the image is a JPEG whose frame header gives its size (no Exif block, or one whose orientation
-keeps the size: OpenCV turns images by it); anything else is decoded as before (from the bytes
-already read for the header: each file is read once). A corrupt image
+keeps the size: OpenCV turns images by it; rows are decoded apart only with no turn at all, and
+only from 8-bit YCbCr JPEGs); anything else is decoded whole by OpenCV as before (from the bytes
+already read for the header: each file is read once). A corrupt image, or a corrupt part of one,
 that is never shown is not noticed, where mmdet's decode would fail on it. Where that part is under
 half the mosaic, :func:`shown_canvas` has ``FastMosaic`` fill and paste only inside it (checked to
 be the call foreseen: numpy's random state is where the look ahead left it after the mosaic's draws).
@@ -31,12 +34,14 @@ a window-only resize nor an 8-bit or float32 resize can reproduce its truncated 
 makes it in float32 within one level instead (``crop_resize.TruncatedLater``). Pillow's decoder
 gives OpenCV's pixels at the same speed (1.1 ms a 640x480 JPEG here); ``simplejpeg`` decodes the
 same pixels as ``cv2.imdecode``, only 8% faster, and ignores the Exif orientation that OpenCV applies.
-Decoding only the rows the warp reads: Pillow stops early given a shorter tile, but then reports a
-broken stream, and its RGB output costs a conversion (0.3 ms) that eats most of the gain.
+Decoding only the rows the warp reads through Pillow: it stops early given a shorter tile, but then
+reports a broken stream, and its RGB output costs a conversion (0.3 ms) that eats most of the gain.
+libjpeg-turbo's cropping of columns as well changes the pixels next to the cut (chroma upsampling).
 """
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import cv2
@@ -48,7 +53,7 @@ from mmdet.datasets.transforms import transforms as mmdet_transforms
 from mmdet.registry import TRANSFORMS
 from mmdet.structures.bbox import HorizontalBoxes, autocast_box_type
 
-from det_mmdet import fast_transforms
+from det_mmdet import fast_transforms, jpeg_rows
 
 AFFINE_ROW = np.array([0.0, 0.0, 1.0], dtype=np.float32)
 
@@ -57,10 +62,40 @@ AFFINE_ROW = np.array([0.0, 0.0, 1.0], dtype=np.float32)
 # Mosaic partners the warp never reads
 
 
+def first_sample(wrapper: Any, index: int, take: Any) -> dict:
+    """``wrapper.dataset[index]``, the sample the wrapper's pipeline starts from. Where that pipeline
+    starts with a ``FastMosaic`` the warp follows (see :func:`shown_region`), the sample goes to the
+    mosaic's top-left corner and its image is decoded like a partner's: only the rows the warp reads.
+    That part is worked out after the mosaic's choice of partners (``get_indexes``: mmdet's draws from
+    numpy's random state, made here on a copy of it) and kept for :func:`partners`, which uses it
+    where numpy's random state is the one foreseen."""
+    wrapper.__dict__.pop("shown_ahead", None)
+    mosaic = next(iter(wrapper.pipeline), None)
+    skipped = wrapper._skip_type_keys or ()
+    plain = type(mosaic) is fast_transforms.FastMosaic and wrapper.pipeline_types[0] not in skipped
+    mmdets = inspect.getattr_static(mmdet_transforms.Mosaic, "get_indexes")
+    if not plain or inspect.getattr_static(type(mosaic), "get_indexes") is not mmdets:
+        return take(wrapper.dataset[index])
+    state = np.random.get_state()
+    try:
+        mosaic.get_indexes(wrapper.dataset)  # three draws of numpy's randint, nothing else
+        drawn, shown = np.random.get_state(), shown_region(wrapper, mosaic)
+    finally:
+        np.random.set_state(state)
+    if shown is None or shown == "none":  # the whole image: warped itself, or not knowable ahead
+        return take(wrapper.dataset[index])
+    wrapper.shown_ahead = (mosaic, drawn, shown)
+    return partner(wrapper.dataset, mosaic, index, fast_transforms.MOSAIC_LOCATIONS[0], shown)
+
+
 def partners(wrapper: Any, transform: Any, indexes: list[int], take: Any) -> list[dict]:
     """The samples ``transform`` (a mixing transform of ``wrapper``'s pipeline) mixes in: those of
-    ``indexes`` loaded, a ``FastMosaic``'s partners that the following warp never reads without pixels."""
-    shown = shown_region(wrapper, transform)
+    ``indexes`` loaded, of a ``FastMosaic``'s partners only the rows the following warp reads."""
+    ahead = wrapper.__dict__.pop("shown_ahead", None)
+    if ahead is not None and ahead[0] is transform and same_state(ahead[1], np.random.get_state()):
+        shown = ahead[2]
+    else:
+        shown = shown_region(wrapper, transform)
     transform.__dict__.pop("shown_hint", None)
     if shown is None:
         return [take(wrapper.dataset[index]) for index in indexes]
@@ -74,34 +109,57 @@ LOCS = fast_transforms.MOSAIC_LOCATIONS[1:]  # where the three partners go
 
 def partner(dataset: Any, mosaic: Any, index: int, loc: str, shown: Any) -> dict:
     """``dataset[index]`` (its pipeline on its annotations), the image decoded from the bytes read for
-    its frame header, as ``LoadImageFromFile`` decodes them (not read twice); a zero image where unseen."""
+    its frame header (not read twice) by :func:`piece_image`."""
     results = dataset.get_data_info(index)
     load = dataset.pipeline.transforms[0]
     data = mmengine.fileio.get(results["img_path"], backend_args=load.backend_args)
-    shape = jpeg_size(data)
-    if shape is None or (shown != "none" and pasted_where_read(mosaic, loc, shape, shown)):
-        img = mmcv.imfrombytes(data, flag=load.color_type, backend=load.imdecode_backend)
-        assert img is not None, f"failed to load image: {results['img_path']}"  # LoadImageFromFile's check
-    else:
-        img = np.zeros((*shape, 3), dtype=np.uint8)  # never read: untouched zero pages cost nothing
-        SKIPPED["decodes"] += 1
-    results["img"] = img
-    results["img_shape"] = results["ori_shape"] = img.shape[:2]
+    results["img"] = piece_image(data, results["img_path"], load, rows_read(mosaic, loc, data, shown))
+    results["img_shape"] = results["ori_shape"] = results["img"].shape[:2]
     for t in dataset.pipeline.transforms[1:]:
         results = t(results)
     return results
 
 
-SKIPPED = {"decodes": 0, "canvases": 0}  # partners not decoded, mosaics made in part (tests, bench)
+def piece_image(data: bytes, path: str, load: Any, rows: tuple[int, int, int, int] | None) -> np.ndarray:
+    """The image ``LoadImageFromFile`` decodes from ``data``, where only rows ``rows[0]`` to ``rows[1]``
+    of the image of ``rows[2:]`` (height, width) are read later: those decoded (:mod:`jpeg_rows`), the
+    others left as allocated (never read). ``rows`` None: all of it, by OpenCV."""
+    if rows is not None:
+        first, last, height, width = rows
+        if first >= last:
+            SKIPPED["decodes"] += 1
+            return np.empty((height, width, 3), dtype=np.uint8)
+        img = jpeg_rows.decode(data, (height, width), first, last)
+        if img is not None:
+            SKIPPED["rows"] += height - (last - first)
+            return img
+    img = mmcv.imfrombytes(data, flag=load.color_type, backend=load.imdecode_backend)
+    assert img is not None, f"failed to load image: {path}"  # LoadImageFromFile's check
+    return img
 
 
-def pasted_where_read(mosaic: Any, loc: str, shape: tuple[int, int], shown: tuple[int, int, int, int]) -> bool:
-    """Whether the partner of ``shape`` (height, width) pasted at ``loc`` overlaps ``shown`` (x1, y1, x2, y2)."""
-    center, (width, height) = shown[4:6], mosaic.img_scale
-    scale = min(height / shape[0], width / shape[1])
-    size = (int(shape[1] * scale), int(shape[0] * scale))
-    (x1, y1, x2, y2), _ = mosaic._mosaic_combine(loc, center, size)
-    return x1 < x2 and y1 < y2 and x1 < shown[2] and x2 > shown[0] and y1 < shown[3] and y2 > shown[1]
+SKIPPED = {"decodes": 0, "canvases": 0, "rows": 0}  # pieces not decoded, mosaics made in part, rows not decoded
+
+
+def rows_read(mosaic: Any, loc: str, data: bytes, shown: Any) -> tuple[int, int, int, int] | None:
+    """(first, last, height, width): the rows of the image of ``data`` that the warp reads once it is
+    pasted at ``loc`` (first >= last: none); None where that is not known or it reads them all."""
+    header = jpeg_header(data)
+    if header is None or not 1 <= header[1] <= 4:  # not known ahead: OpenCV's size
+        return None
+    (height, width), orientation = header
+    if shown == "none":  # no mosaic: a partner is never read
+        return 0, 0, height, width
+    center, (out_w, out_h) = shown[4:6], mosaic.img_scale
+    scale = min(out_h / height, out_w / width)
+    size = (int(width * scale), int(height * scale))
+    (x1, y1, x2, y2), (_, cut_y1, _, _) = mosaic._mosaic_combine(loc, center, size)
+    if not (x1 < x2 and y1 < y2 and x1 < shown[2] and x2 > shown[0] and y1 < shown[3] and y2 > shown[1]):
+        return 0, 0, height, width
+    if size != (width, height) or orientation != 1:  # resized (neighbour rows read) or turned: every row
+        return None
+    top, bottom = max(y1, shown[1]), min(y2, shown[3])
+    return cut_y1 + top - y1, cut_y1 + bottom - y1, height, width
 
 
 def shown_region(wrapper: Any, mosaic: Any) -> Any:
@@ -175,11 +233,18 @@ def lazy_loading(dataset: Any) -> bool:
 
 def jpeg_size(data: bytes) -> tuple[int, int] | None:
     """(height, width) of the image OpenCV decodes from ``data``, from the JPEG's frame header; None
-    where that is not certain: not a JPEG, or a first APP1 block (which OpenCV reads as Exif, to turn
-    the image by its orientation) that is not Exif with an orientation that keeps the size (1-4)."""
+    where that is not certain (see :func:`jpeg_header`) or OpenCV turns the image by a quarter."""
+    header = jpeg_header(data)
+    return header[0] if header is not None and 1 <= header[1] <= 4 else None
+
+
+def jpeg_header(data: bytes) -> tuple[tuple[int, int], int] | None:
+    """((height, width), Exif orientation) of a JPEG, from its frame header and a first APP1 block
+    (which OpenCV reads as Exif, to turn the image by its orientation; 1 where there is none); None
+    where that is not certain: not a JPEG, or a first APP1 block that is not Exif it can read."""
     if data[:2] != b"\xff\xd8":
         return None
-    pos, size, app1 = 2, None, False
+    pos, size, orientation = 2, None, None
     while pos + 4 <= len(data):
         if data[pos] != 0xFF:
             return None
@@ -188,11 +253,11 @@ def jpeg_size(data: bytes) -> tuple[int, int] | None:
             pos += 1
             continue
         if marker == 0xDA:  # start of scan: every header block has been seen
-            return size
+            return None if size is None else (size, orientation or 1)
         length = int.from_bytes(data[pos + 2 : pos + 4], "big")
-        if marker == 0xE1 and not app1:
-            app1 = True
-            if not exif_keeps_size(data[pos + 4 : pos + 2 + length]):
+        if marker == 0xE1 and orientation is None:
+            orientation = exif_orientation(data[pos + 4 : pos + 2 + length])
+            if orientation is None:
                 return None
         if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC) and pos + 9 <= len(data):
             height, width = (
@@ -206,27 +271,28 @@ def jpeg_size(data: bytes) -> tuple[int, int] | None:
     return None
 
 
-def exif_keeps_size(block: bytes) -> bool:
-    """Whether an APP1 block is Exif whose orientation (first directory, tag 0x0112) is absent or
-    1-4 (as is, or mirrored / turned half round: the same size)."""
+def exif_orientation(block: bytes) -> int | None:
+    """The orientation (first directory, tag 0x0112) of an APP1 block that is Exif: 1 where absent,
+    None where the block is not Exif or the value is not one of Exif's eight."""
     tiff = block[6:]
     if block[:6] != b"Exif\x00\x00" or tiff[:4] not in (b"II*\x00", b"MM\x00*"):
-        return False
+        return None
     order = "little" if tiff[:2] == b"II" else "big"
     start = int.from_bytes(tiff[4:8], order)
     if start + 2 > len(tiff):
-        return False
+        return None
     count = int.from_bytes(tiff[start : start + 2], order)
     for entry in range(start + 2, start + 2 + 12 * count, 12):
         if entry + 12 > len(tiff):
-            return False
+            return None
         if int.from_bytes(tiff[entry : entry + 2], order) == 0x0112:
             kind, n = (
                 int.from_bytes(tiff[entry + 2 : entry + 4], order),
                 int.from_bytes(tiff[entry + 4 : entry + 8], order),
             )
-            return (kind, n) == (3, 1) and 1 <= int.from_bytes(tiff[entry + 8 : entry + 10], order) <= 4
-    return True
+            value = int.from_bytes(tiff[entry + 8 : entry + 10], order)
+            return value if (kind, n) == (3, 1) and 1 <= value <= 8 else None
+    return 1
 
 
 def shown_canvas(mosaic: Any, shape: tuple[int, ...], dtype: Any, pieces: list) -> np.ndarray | None:

@@ -1,0 +1,115 @@
+"""Decoding a band of a JPEG's rows, the pixels ``cv2.imdecode`` gives for those rows, and no others.
+
+YOLOX's warp reads part of its mosaic, so of a mosaic piece it often needs only some of the rows
+(``yolox_fast``). libjpeg-turbo decodes rows top to bottom and can skip rows at either end
+(``jpeg_skip_scanlines``; after the last row wanted it stops), and its pixels do not depend on where
+it stops or starts: each row's samples come from the same inverse DCT, upsampling and colour
+conversion as in a whole decode (``tests/test_jpeg_rows.py`` checks bands against OpenCV's decode).
+
+This module is an adapter over TurboJPEG 3's C API (``tj3Init``, ``tj3DecompressHeader``, ``tj3Get``,
+``tj3SetCroppingRegion``, ``tj3Decompress8``, ``tj3Destroy``; documented in libjpeg-turbo's
+``turbojpeg.h``), called through ctypes: no Python package binds the cropping region. The library is
+the one the ``turbojpeg`` wheel (requirements.txt) ships, or else a system ``libturbojpeg`` of version
+3 or later. Without one, :func:`available` is false and callers decode whole images with OpenCV.
+
+Only what OpenCV decodes the same way is decoded here: baseline or progressive 8-bit YCbCr JPEGs,
+without an Exif orientation to apply (the caller checks that: ``yolox_fast.jpeg_header``). For
+anything else, or any error or warning of the decoder (a damaged stream among them), :func:`decode`
+returns None and the caller decodes as mmdet does, failures and all.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import importlib.metadata
+import os
+from typing import Any
+
+import numpy as np
+
+# From turbojpeg.h (libjpeg-turbo 3.0): tj3Init's kind, tj3Get's parameters, the colour space and pixel format.
+TJINIT_DECOMPRESS = 1
+TJPARAM_JPEGWIDTH, TJPARAM_JPEGHEIGHT, TJPARAM_PRECISION, TJPARAM_COLORSPACE = 5, 6, 7, 8
+TJPARAM_LOSSLESS = 15
+TJCS_YCBCR = 1
+TJPF_BGR = 1
+
+
+class Region(ctypes.Structure):
+    """turbojpeg.h's ``tjregion``: x, y, w, h."""
+
+    _fields_ = [("x", ctypes.c_int), ("y", ctypes.c_int), ("w", ctypes.c_int), ("h", ctypes.c_int)]
+
+
+def library_paths() -> list[str]:
+    """Where to look for libturbojpeg 3: the copy in the ``turbojpeg`` wheel, then the system's."""
+    paths = []
+    try:
+        files = importlib.metadata.files("turbojpeg") or []
+    except importlib.metadata.PackageNotFoundError:  # not installed: the system's, or none
+        files = []
+    paths += [str(f.locate()) for f in files if f.name.startswith("libturbojpeg") and ".so" in f.name]
+    system = ctypes.util.find_library("turbojpeg")
+    return paths + ([system] if system else [])
+
+
+def load_library() -> Any:
+    """libturbojpeg with its argument types declared, or None where no version 3 is installed."""
+    for path in library_paths():
+        lib = ctypes.CDLL(path)  # a listed library that does not load is a broken install: fail loudly
+        if hasattr(lib, "tj3SetCroppingRegion"):  # version 3 (version 2 has no tj3 functions)
+            break
+    else:
+        return None
+    handle, buf, size = ctypes.c_void_p, ctypes.c_char_p, ctypes.c_size_t
+    lib.tj3Init.restype, lib.tj3Init.argtypes = handle, [ctypes.c_int]
+    lib.tj3Destroy.argtypes = [handle]
+    lib.tj3DecompressHeader.argtypes = [handle, buf, size]
+    lib.tj3Get.argtypes = [handle, ctypes.c_int]
+    lib.tj3SetCroppingRegion.argtypes = [handle, Region]
+    lib.tj3Decompress8.argtypes = [handle, buf, size, ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
+    return lib
+
+
+LIBRARY = load_library()
+HANDLES: dict[int, Any] = {}  # one decompressor per process (loader workers are forked or spawned)
+
+
+def available() -> bool:
+    return LIBRARY is not None
+
+
+def decompressor() -> Any:
+    pid = os.getpid()
+    if pid not in HANDLES:
+        HANDLES.clear()  # a parent's handle, inherited by fork: leave it to the parent
+        HANDLES[pid] = LIBRARY.tj3Init(TJINIT_DECOMPRESS)
+        if not HANDLES[pid]:
+            raise MemoryError("libturbojpeg: tj3Init gave no decompressor")
+    return HANDLES[pid]
+
+
+def decode(data: bytes, shape: tuple[int, int], first: int, last: int) -> np.ndarray | None:
+    """The (height, width, 3) BGR image of ``data`` with rows ``first`` to ``last`` (excluded) as
+    ``cv2.imdecode(..., IMREAD_COLOR)`` decodes them, the other rows as allocated (the caller never
+    reads them: a zero fill would cost a pass over memory the heap hands back); None where this decoder
+    cannot promise OpenCV's pixels (see the module docstring) or the image is not of ``shape``."""
+    if LIBRARY is None or not 0 <= first < last <= shape[0]:
+        return None
+    tj = decompressor()
+    if LIBRARY.tj3DecompressHeader(tj, data, len(data)) != 0:
+        return None
+    header = [LIBRARY.tj3Get(tj, p) for p in (TJPARAM_JPEGHEIGHT, TJPARAM_JPEGWIDTH, TJPARAM_PRECISION)]
+    plain = LIBRARY.tj3Get(tj, TJPARAM_COLORSPACE) == TJCS_YCBCR and LIBRARY.tj3Get(tj, TJPARAM_LOSSLESS) == 0
+    if not plain or header != [shape[0], shape[1], 8]:
+        return None
+    height, width = shape
+    # x 0 and the whole width: no column cropping (whose edge columns would be upsampled differently)
+    if LIBRARY.tj3SetCroppingRegion(tj, Region(0, first, width, last - first)) != 0:
+        return None
+    img = np.empty((height, width, 3), dtype=np.uint8)
+    band = img[first:last]
+    if LIBRARY.tj3Decompress8(tj, data, len(data), band.ctypes.data, width * 3, TJPF_BGR) != 0:
+        return None  # an error or a warning (a damaged stream): OpenCV decides, as for mmdet
+    return img
