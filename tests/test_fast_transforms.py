@@ -442,6 +442,31 @@ def test_pack_equals_mmdet(masks):
 # ---- swapping, the knob, whole datasets ------------------------------------------------------
 
 
+@pytest.mark.parametrize(
+    "params",
+    [
+        dict(min_gt_bbox_wh=(1, 1), keep_empty=False),  # YOLOX's
+        dict(min_gt_bbox_wh=(1, 1), keep_empty=True),
+        dict(min_gt_bbox_wh=(0.1, 2.5)),  # not float32 values: compared as float32 by both
+        dict(min_gt_bbox_wh=(0, 0), by_box=True, by_mask=True, min_gt_mask_area=4),  # by mask: mmdet's code
+    ],
+)
+def test_filter_annotations_equals_mmdet(params):
+    from mmdet.datasets.transforms import FilterAnnotations
+
+    slow, fast = pair(FilterAnnotations, F.FastFilterAnnotations, **params)
+    rng = np.random.default_rng(21)
+    for seed in SEEDS:
+        n = int(rng.integers(0, 9)) if seed % 5 else 0
+        inputs = sample(rng, 40, 50, n, masks="bitmap")
+        boxes = inputs["gt_bboxes"].tensor
+        if n:  # widths and heights of every kind: none, negative, exactly the minimum, just above it
+            boxes[: n // 2, 2] = boxes[: n // 2, 0] + torch.tensor([0.0, -1.0, 1.0, 2.5, 0.1, 1.0000001][: n // 2])
+            if seed % 3 == 0:
+                boxes[:, 3] = boxes[:, 1]  # nothing kept: None where keep_empty, else every key emptied
+        compare(slow, fast, inputs, seed)
+
+
 @pytest.fixture(scope="module")
 def tiny_coco(tmp_path_factory):
     """12 drawn-shapes images (128 px, polygons), one crowd object, one image without objects."""

@@ -31,8 +31,10 @@ import functools
 
 import cv2
 import numpy as np
+import torch
 from mmdet.datasets.transforms import loading as mmdet_loading
 from mmdet.registry import TRANSFORMS
+from mmdet.structures.bbox import HorizontalBoxes, get_box_type
 from mmdet.structures.mask import BitmapMasks
 from pycocotools import mask as mask_utils
 
@@ -41,7 +43,18 @@ from det_mmdet import fast_transforms
 
 @TRANSFORMS.register_module(name="FastLoadAnnotations", force=True)
 class FastLoadAnnotations(mmdet_loading.LoadAnnotations):
-    """mmdet's ``LoadAnnotations``; a sample's bitmaps decoded by one pycocotools call (module docstring)."""
+    """mmdet's ``LoadAnnotations``; a sample's bitmaps decoded by one pycocotools call (module docstring),
+    its boxes made float32 by numpy where mmdet has torch read the nested list (the same rounding of
+    each number to float32; the same ``HorizontalBoxes``)."""
+
+    def _load_bboxes(self, results: dict) -> None:
+        if self.box_type is None or get_box_type(self.box_type)[1] is not HorizontalBoxes:
+            return super()._load_bboxes(results)
+        instances = results.get("instances", [])
+        boxes = np.array([instance["bbox"] for instance in instances], dtype=np.float32).reshape(-1, 4)
+        results["gt_bboxes"] = HorizontalBoxes(torch.from_numpy(boxes), clone=False)
+        results["gt_ignore_flags"] = np.array([instance["ignore_flag"] for instance in instances], dtype=bool)
+        return None
 
     def _load_masks(self, results: dict) -> None:
         if not self.poly2mask:
