@@ -15,6 +15,7 @@ from mmengine.registry import init_default_scope
 
 from det_mmdet import fast_transforms as F
 from det_mmdet import yolox_fast as Y
+from det_mmdet.data import build_dataset
 from test_fast_transforms import (
     AFTER_MIXUP,
     YOLOX_LIKE,
@@ -167,6 +168,54 @@ def test_partners_the_warp_never_reads_are_not_decoded_and_samples_stay_the_same
     else:
         assert skipped >= 10, skipped  # a third of the 108 partners or so
         assert parts >= 5, parts  # mosaics made only where the warp reads
+
+
+def test_numpy_stream_tells_whether_the_next_draws_are_the_ones_foreseen():
+    assert Y.MT_LAYOUT_HOLDS  # the 1.5 us read, not a fallback, is what runs here
+    np.random.seed(3)
+    start, state = Y.numpy_stream(), np.random.get_state()
+    assert Y.same_stream(start, Y.numpy_stream())
+    generator = np.random.get_bit_generator()
+    for draw in (
+        lambda: np.random.uniform(0, 1),
+        lambda: np.random.randint(0, 10, 3),
+        lambda: np.random.standard_normal(),
+        lambda: generator.random_raw(624),  # the same position, the key renewed
+        lambda: np.random.seed(4),  # another seed
+    ):
+        draw()
+        assert not Y.same_stream(start, Y.numpy_stream())
+        np.random.set_state(state)
+        assert Y.same_stream(start, Y.numpy_stream())
+    np.random.uniform(0, 1)
+    moved = Y.numpy_stream()
+    np.random.set_state(state)
+    np.random.uniform(0, 1)
+    assert Y.same_stream(moved, Y.numpy_stream())  # the same draws from the same place: the same stream
+    np.random.set_bit_generator(np.random.PCG64(3))
+    try:  # another generator: never the same (the look-ahead is redone, mosaics made whole)
+        assert Y.numpy_stream() is None and not Y.same_stream(None, None)
+    finally:
+        np.random.set_bit_generator(generator)
+
+
+def test_partners_redo_the_look_ahead_where_numpy_drew_in_between(turned_coco):
+    init_default_scope("mmdet")
+    loads = [dict(type="LoadImageFromFile"), dict(type="LoadAnnotations", with_bbox=True)]
+    cfg = dict(type="MultiImageMixDataset", dataset=coco_cfg(turned_coco, loads), pipeline=yolox_like())
+    wrapper = build_dataset(cfg, "train_dataloader.dataset", {"fast_transforms": True})
+    mosaic = wrapper.pipeline[0]
+    for disturbed in (False, True):
+        np.random.seed(5)
+        Y.first_sample(wrapper, 0, lambda sample: sample)
+        foreseen = wrapper.shown_ahead[2]
+        if disturbed:
+            np.random.uniform(0, 1)  # a draw the look-ahead did not foresee
+        indexes = mosaic.get_indexes(wrapper.dataset)
+        now = Y.shown_region(wrapper, mosaic)
+        Y.partners(wrapper, mosaic, indexes, lambda sample: sample)
+        assert mosaic.shown_hint[1] == now[7]
+        assert (now[:6] != foreseen[:6]) == disturbed  # (the draws did move: the check is what redid it)
 
 
 def test_the_warp_reads_nothing_outside_read_region():

@@ -41,6 +41,7 @@ libjpeg-turbo's cropping of columns as well changes the pixels next to the cut (
 
 from __future__ import annotations
 
+import ctypes
 import inspect
 from typing import Any
 
@@ -72,14 +73,14 @@ def first_sample(wrapper: Any, index: int, take: Any) -> dict:
     wrapper.__dict__.pop("shown_ahead", None)
     mosaic = next(iter(wrapper.pipeline), None)
     skipped = wrapper._skip_type_keys or ()
-    plain = type(mosaic) is fast_transforms.FastMosaic and wrapper.pipeline_types[0] not in skipped
+    affine = None if mosaic is None or wrapper.pipeline_types[0] in skipped else following_warp(wrapper, mosaic)
     mmdets = inspect.getattr_static(mmdet_transforms.Mosaic, "get_indexes")
-    if not plain or inspect.getattr_static(type(mosaic), "get_indexes") is not mmdets:
+    if affine is None or inspect.getattr_static(type(mosaic), "get_indexes") is not mmdets:
         return take(wrapper.dataset[index])
     state = np.random.get_state()
     try:
         mosaic.get_indexes(wrapper.dataset)  # three draws of numpy's randint, nothing else
-        drawn, shown = np.random.get_state(), shown_region(wrapper, mosaic)
+        drawn, shown = numpy_stream(), drawn_region(mosaic, affine)
     finally:
         np.random.set_state(state)
     if shown is None or shown == "none":  # the whole image: warped itself, or not knowable ahead
@@ -92,7 +93,7 @@ def partners(wrapper: Any, transform: Any, indexes: list[int], take: Any) -> lis
     """The samples ``transform`` (a mixing transform of ``wrapper``'s pipeline) mixes in: those of
     ``indexes`` loaded, of a ``FastMosaic``'s partners only the rows the following warp reads."""
     ahead = wrapper.__dict__.pop("shown_ahead", None)
-    if ahead is not None and ahead[0] is transform and same_state(ahead[1], np.random.get_state()):
+    if ahead is not None and ahead[0] is transform and same_stream(ahead[1], numpy_stream()):
         shown = ahead[2]
     else:
         shown = shown_region(wrapper, transform)
@@ -163,9 +164,22 @@ def rows_read(mosaic: Any, loc: str, data: bytes, shown: Any) -> tuple[int, int,
 
 
 def shown_region(wrapper: Any, mosaic: Any) -> Any:
-    """The mosaic's part (x1, y1, x2, y2, centre x, centre y, numpy's random state after the mosaic's
-    draws, the part again) that the next transform's warp reads, ``"none"`` where the mosaic will not
-    be made, None where this cannot be worked out ahead."""
+    """The mosaic's part (x1, y1, x2, y2, centre x, centre y, where numpy's random stream is after the
+    mosaic's draws (:func:`numpy_stream`), the part again) that the next transform's warp reads,
+    ``"none"`` where the mosaic will not be made, None where this cannot be worked out ahead."""
+    affine = following_warp(wrapper, mosaic)
+    if affine is None:
+        return None
+    state = np.random.get_state()
+    try:
+        return drawn_region(mosaic, affine)
+    finally:
+        np.random.set_state(state)
+
+
+def following_warp(wrapper: Any, mosaic: Any) -> Any:
+    """The ``RandomAffine`` right after ``mosaic`` (a ``FastMosaic`` of ``wrapper``'s pipeline, loading
+    lazily, see :func:`lazy_loading`) where it is not skipped; else None."""
     steps = list(wrapper.pipeline)
     if type(mosaic) is not fast_transforms.FastMosaic or not lazy_loading(wrapper.dataset):
         return None
@@ -177,23 +191,22 @@ def shown_region(wrapper: Any, mosaic: Any) -> Any:
     ):
         return None
     skipped = wrapper._skip_type_keys or ()
-    if wrapper.pipeline_types[at + 1] in skipped:
-        return None
-    affine = steps[at + 1]
+    return None if wrapper.pipeline_types[at + 1] in skipped else steps[at + 1]
+
+
+def drawn_region(mosaic: Any, affine: Any) -> Any:
+    """:func:`shown_region` from the draws ``FastMosaic.transform`` and ``RandomAffine.transform`` make,
+    in their order, made here on numpy's random state (the caller puts it back)."""
     width, height = mosaic.img_scale
-    state = np.random.get_state()
-    try:  # the draws of FastMosaic.transform and RandomAffine.transform, in their order
-        if np.random.uniform(0, 1) > mosaic.prob:
-            return "none"
-        center = (
-            int(np.random.uniform(*mosaic.center_ratio_range) * width),
-            int(np.random.uniform(*mosaic.center_ratio_range) * height),
-        )
-        drawn = np.random.get_state()  # where FastMosaic will be after its draws
-        out_h, out_w = int(height * 2) + affine.border[1] * 2, int(width * 2) + affine.border[0] * 2
-        matrix = affine._get_random_homography_matrix(out_h, out_w)
-    finally:
-        np.random.set_state(state)
+    if np.random.uniform(0, 1) > mosaic.prob:
+        return "none"
+    center = (
+        int(np.random.uniform(*mosaic.center_ratio_range) * width),
+        int(np.random.uniform(*mosaic.center_ratio_range) * height),
+    )
+    drawn = numpy_stream()  # where FastMosaic will be after its draws
+    out_h, out_w = int(height * 2) + affine.border[1] * 2, int(width * 2) + affine.border[0] * 2
+    matrix = affine._get_random_homography_matrix(out_h, out_w)
     if out_h <= 0 or out_w <= 0 or not np.array_equal(matrix[2], AFFINE_ROW):
         return None
     region = read_region(matrix, out_w, out_h)
@@ -301,7 +314,7 @@ def shown_canvas(mosaic: Any, shape: tuple[int, ...], dtype: Any, pieces: list) 
     whose :func:`partners` worked out that part for this very call (numpy's random state is where it
     was foreseen after the mosaic's draws) and where the part is under half the canvas; else None."""
     hint = mosaic.__dict__.pop("shown_hint", None)
-    if hint is None or len(shape) != 3 or not same_state(hint[0], np.random.get_state()):
+    if hint is None or len(shape) != 3 or not same_stream(hint[0], numpy_stream()):
         return None
     x1, y1, x2, y2 = hint[1]
     x1, y1, x2, y2 = max(x1, 0), max(y1, 0), min(x2, shape[1]), min(y2, shape[0])
@@ -313,9 +326,40 @@ def shown_canvas(mosaic: Any, shape: tuple[int, ...], dtype: Any, pieces: list) 
     return canvas
 
 
-def same_state(a: tuple, b: tuple) -> bool:
-    """Whether two ``numpy.random.get_state()`` tuples are the same state."""
-    return a[0] == b[0] and a[2:] == b[2:] and np.array_equal(a[1], b[1])
+def numpy_stream() -> bytes | None:
+    """Where numpy's global random stream is, to tell later (:func:`same_stream`) whether the draws
+    foreseen are still the next ones: MT19937's key and position, read where its ``ctypes`` interface
+    points (1.5 us; ``get_state`` builds a new tuple: 50 us, and a sample needs several). The uniform
+    and integer draws foreseen read nothing else (not the cached Gaussian). None (never the same) for
+    another bit generator, or where that memory is not laid out as :data:`MT_LAYOUT_HOLDS` checked."""
+    generator = np.random.get_bit_generator()
+    if type(generator) is not np.random.MT19937 or not MT_LAYOUT_HOLDS:
+        return None
+    return ctypes.string_at(generator.ctypes.state_address, MT_STATE_BYTES)
+
+
+def same_stream(a: bytes | None, b: bytes | None) -> bool:
+    """Whether two :func:`numpy_stream` values are the same place in the same stream."""
+    return a is not None and a == b
+
+
+MT_STATE_BYTES = 4 * 625  # numpy's mt19937_state: uint32 key[624], then int pos
+
+
+def mt_layout_holds() -> bool:
+    """Whether an MT19937's state, read as :func:`numpy_stream` reads it, is the key and position its
+    ``state`` property gives, on a fresh generator and after draws that move the position and renew the key."""
+    probe = np.random.MT19937(20261204)
+    for draws in (0, 5, 700):
+        probe.random_raw(draws)
+        state = probe.state["state"]
+        raw = np.frombuffer(ctypes.string_at(probe.ctypes.state_address, MT_STATE_BYTES), dtype=np.uint32)
+        if not (np.array_equal(raw[:624], state["key"]) and int(raw[624]) == state["pos"]):
+            return False
+    return True
+
+
+MT_LAYOUT_HOLDS = mt_layout_holds()
 
 
 # ---------------------------------------------------------------------------------------------
