@@ -17,8 +17,10 @@ samples (who goes first rotating), so that the machine's drifts in speed fall on
 ``--repeats`` runs, after a warm-up that fills the transforms' caches and whose samples, made from one
 seed, are compared (the "same samples" column: bit for bit, or, where MixUp's float64 jitter resize runs
 within one level of mmdet's, how many image values differ; all else must be equal). The table gives
-the speed-up as the two loaders run the pipelines (ours against mmdet), the speed-ups with the same heap
-setting on both sides, and the exclusive milliseconds per transform (time inside a transform, less the
+the speed-up as the two loaders run the pipelines (ours against mmdet), the same in the processes' CPU
+time (samples per CPU second: the cost per core, which time the process spends waiting for a core on a
+shared machine does not inflate), the speed-ups with the same heap setting on both sides, and the
+exclusive milliseconds per transform (time inside a transform, less the
 time of transforms it calls, e.g. the decodes MixUp asks for; YOLOX's mosaic partners that det-mmdet
 loads itself count as LoadImageFromFile).
 
@@ -214,12 +216,13 @@ def time_transforms(dataset, clock: Clock) -> None:
         yolox_fast.partner.timed = True
 
 
-def run(dataset, order: list[int], clock: Clock) -> float:
-    """Seconds to make the samples of ``order`` (clock collects the per-transform times)."""
-    start = time.perf_counter()
+def run(dataset, order: list[int], clock: Clock) -> tuple[float, float]:
+    """Seconds to make the samples of ``order``: on the clock, and of the process's CPU time (clock
+    collects the per-transform times)."""
+    start, cpu = time.perf_counter(), time.process_time()
     for i in order:
         dataset[i]
-    return time.perf_counter() - start
+    return time.perf_counter() - start, time.process_time() - cpu
 
 
 def worker(conn, config: str, root: str, fast: bool, heap_kept: bool) -> None:
@@ -289,21 +292,25 @@ def timed_ways(name: str, config: str, conns: dict, args) -> dict:
     ):
         same = "NO (the heap setting changed a sample)"
     seconds: dict[str, list[float]] = {way: [] for way in conns}
+    cpu_seconds: dict[str, list[float]] = {way: [] for way in conns}
     per_transform: dict[str, list[dict[str, float]]] = {way: [] for way in conns}
     ways = list(conns)
     for _ in range(args.repeats):
         order = [rng.randrange(n) for _ in range(args.samples)]
-        spent = dict.fromkeys(ways, 0.0)
+        spent, cpu = dict.fromkeys(ways, 0.0), dict.fromkeys(ways, 0.0)
         for conn in conns.values():
             conn.send(("seed", 1))
         for turn, start in enumerate(range(0, len(order), args.chunk)):
             for way in ways[turn % len(ways) :] + ways[: turn % len(ways)]:  # one at a time, who goes first rotating
                 conns[way].send(("run", order[start : start + args.chunk]))
-                spent[way] += conns[way].recv()
+                wall, used = conns[way].recv()
+                spent[way] += wall
+                cpu[way] += used
         for way, conn in conns.items():
             conn.send(("clock", None))
             per_transform[way].append({k: v / args.samples for k, v in conn.recv().items()})
             seconds[way].append(spent[way])
+            cpu_seconds[way].append(cpu[way])
     result: dict[str, Any] = {"name": name, "config": config, "same": same}
     for way, conn in conns.items():
         conn.send(("peak", None))
@@ -313,6 +320,7 @@ def timed_ways(name: str, config: str, conns: dict, args) -> dict:
         result[way] = {
             "ms": 1e3 * s / args.samples,
             "rate": args.samples / s,
+            "cpu_rate": args.samples / statistics.median(cpu_seconds[way]),
             "transforms": {
                 k: statistics.median(d.get(k, 0.0) for d in per_transform[way]) for k in per_transform[way][0]
             },
@@ -366,8 +374,8 @@ def sameness(a: list, b: list) -> str:
 def table(results: list[dict], top: int) -> str:
     lines = [
         "| pipeline (mmdet config) | mmdet ms / sample | ours ms / sample | mmdet images/s | ours images/s "
-        "| speed-up | same heap: glibc's, kept | same samples | largest transforms, ms (mmdet -> ours) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| speed-up | in CPU time | same heap: glibc's, kept | same samples | largest transforms, ms (mmdet -> ours) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         mmdet, ours = r["mmdet"], r["ours"]
@@ -379,6 +387,7 @@ def table(results: list[dict], top: int) -> str:
         lines.append(
             f"| {r['name']} (`{Path(r['config']).name}`) | {mmdet['ms']:.1f} | {ours['ms']:.1f} | "
             f"{mmdet['rate']:.0f} | {ours['rate']:.0f} | {ours['rate'] / mmdet['rate']:.2f}x | "
+            f"{ours['cpu_rate'] / mmdet['cpu_rate']:.2f}x | "
             f"{glibc:.2f}x, {kept:.2f}x | {r['same']} | {where} |"
         )
     return "\n".join(lines)

@@ -16,8 +16,9 @@ def test_pipeline_bench_times_both_implementations():
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [line.split("|")[1:-1] for line in proc.stdout.splitlines() if line.startswith("| ") and "`" in line]
     assert [r[0].split("(")[0].strip() for r in rows] == ["RTMDet-tiny", "YOLOX-tiny", "Mask R-CNN"]
-    for name, mm_ms, ours_ms, mm_rate, ours_rate, speedup, same_heap, same, where in rows:
+    for name, mm_ms, ours_ms, mm_rate, ours_rate, speedup, cpu_speedup, same_heap, same, where in rows:
         assert min(float(mm_ms), float(ours_ms), float(mm_rate), float(ours_rate)) > 0 and speedup.strip()[-1] == "x"
+        assert float(cpu_speedup.strip().removesuffix("x")) > 0  # the same samples per CPU second of each
         # the four processes: mmdet's and ours, each with glibc's own heap thresholds and with the heap kept
         assert re.fullmatch(r" [0-9.]+x, [0-9.]+x ", same_heap), same_heap
         assert same.strip() == "yes", name  # the warm-up samples of all four, from one seed, compared

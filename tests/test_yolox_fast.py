@@ -57,31 +57,31 @@ def exif(orientation: int | None) -> bytes:
     return data.tobytes()
 
 
-def test_jpeg_size_is_the_decoded_size_or_none():
+def test_jpeg_header_gives_the_decoded_size_and_its_turn_or_none():
     rng = np.random.default_rng(15)
     img = photo(rng, 37, 53)
-    for data in (
-        cv2.imencode(".jpg", img)[1].tobytes(),
-        cv2.imencode(".jpg", img[..., 0])[1].tobytes(),  # grayscale: decoded as 3 channels, same size
-        encoded(img, progressive=True),
-        encoded(img, optimize=True),
-        encoded(img, exif=exif(None)),
-        encoded(img, exif=exif(1)),
-        encoded(img, exif=exif(3)),  # turned half round: the same size
+    for data, orientation in (
+        (cv2.imencode(".jpg", img)[1].tobytes(), 1),
+        (cv2.imencode(".jpg", img[..., 0])[1].tobytes(), 1),  # grayscale: decoded as 3 channels, same size
+        (encoded(img, progressive=True), 1),
+        (encoded(img, optimize=True), 1),
+        (encoded(img, exif=exif(None)), 1),
+        (encoded(img, exif=exif(1)), 1),
+        (encoded(img, exif=exif(3)), 3),  # turned half round: the same size
     ):
         decoded = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
-        assert Y.jpeg_size(data) == decoded.shape[:2] == (37, 53)
+        assert Y.jpeg_header(data) == (decoded.shape[:2], orientation) and decoded.shape[:2] == (37, 53)
     turned = encoded(img, exif=exif(6))
-    assert cv2.imdecode(np.frombuffer(turned, np.uint8), cv2.IMREAD_COLOR).shape[:2] == (53, 37)  # why: None
-    assert Y.jpeg_size(turned) is None
+    assert cv2.imdecode(np.frombuffer(turned, np.uint8), cv2.IMREAD_COLOR).shape[:2] == (53, 37)
+    assert Y.jpeg_header(turned) == ((37, 53), 6)  # a quarter turn: rows_read leaves it to OpenCV
     plain = cv2.imencode(".jpg", img)[1].tobytes()
     xmp = b"http://ns.adobe.com/xap/1.0/\x00<x:xmpmeta/>"
     xmp_first = plain[:2] + b"\xff\xe1" + (len(xmp) + 2).to_bytes(2, "big") + xmp + plain[2:]
     assert cv2.imdecode(np.frombuffer(xmp_first, np.uint8), cv2.IMREAD_COLOR).shape[:2] == (37, 53)
-    assert Y.jpeg_size(xmp_first) is None  # a first APP1 block that is not Exif: OpenCV would parse it as Exif
-    assert Y.jpeg_size(cv2.imencode(".png", img)[1].tobytes()) is None
-    assert Y.jpeg_size(cv2.imencode(".jpg", img)[1].tobytes()[:100]) is None  # cut before its frame header
-    assert Y.jpeg_size(b"") is None
+    assert Y.jpeg_header(xmp_first) is None  # a first APP1 block that is not Exif: OpenCV would parse it as Exif
+    assert Y.jpeg_header(cv2.imencode(".png", img)[1].tobytes()) is None
+    assert Y.jpeg_header(cv2.imencode(".jpg", img)[1].tobytes()[:100]) is None  # cut before its frame header
+    assert Y.jpeg_header(b"") is None
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ it stops or starts: each row's samples come from the same inverse DCT, upsamplin
 conversion as in a whole decode (``tests/test_jpeg_rows.py`` checks bands against OpenCV's decode).
 
 This module is an adapter over TurboJPEG 3's C API (``tj3Init``, ``tj3DecompressHeader``, ``tj3Get``,
-``tj3SetCroppingRegion``, ``tj3Decompress8``, ``tj3Destroy``; documented in libjpeg-turbo's
+``tj3SetCroppingRegion``, ``tj3Decompress8``; documented in libjpeg-turbo's
 ``turbojpeg.h``), called through ctypes: no Python package binds the cropping region. The library is
 the one the ``turbojpeg`` wheel (requirements.txt) ships, or else a system ``libturbojpeg`` of version
 3 or later. Without one, :func:`available` is false and callers decode whole images with OpenCV.
@@ -64,7 +64,6 @@ def load_library() -> Any:
         return None
     handle, buf, size = ctypes.c_void_p, ctypes.c_char_p, ctypes.c_size_t
     lib.tj3Init.restype, lib.tj3Init.argtypes = handle, [ctypes.c_int]
-    lib.tj3Destroy.argtypes = [handle]
     lib.tj3DecompressHeader.argtypes = [handle, buf, size]
     lib.tj3Get.argtypes = [handle, ctypes.c_int]
     lib.tj3SetCroppingRegion.argtypes = [handle, Region]

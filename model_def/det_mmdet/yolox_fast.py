@@ -244,13 +244,6 @@ def lazy_loading(dataset: Any) -> bool:
     return plain and all(type(t) in annotations and not (t.with_mask or t.with_seg) for t in rest)
 
 
-def jpeg_size(data: bytes) -> tuple[int, int] | None:
-    """(height, width) of the image OpenCV decodes from ``data``, from the JPEG's frame header; None
-    where that is not certain (see :func:`jpeg_header`) or OpenCV turns the image by a quarter."""
-    header = jpeg_header(data)
-    return header[0] if header is not None and 1 <= header[1] <= 4 else None
-
-
 def jpeg_header(data: bytes) -> tuple[tuple[int, int], int] | None:
     """((height, width), Exif orientation) of a JPEG, from its frame header and a first APP1 block
     (which OpenCV reads as Exif, to turn the image by its orientation; 1 where there is none); None
