@@ -193,6 +193,48 @@ def test_load_annotations_rle_of_another_size_as_mmdet():
     assert compare(slow, fast, results, 0).startswith("raised")
 
 
+def compressed(counts: list[int], h: int, w: int) -> bytes:
+    """pycocotools' compressed string of these run lengths (it compresses them without decoding)."""
+    return mask_utils.frPyObjects({"counts": counts, "size": [h, w]}, h, w)["counts"]
+
+
+def test_run_lengths_read_as_pycocotools_writes_them():
+    """Every length a number can have (1-6 characters), runs that shrink (a negative difference, its sign
+    on the last character), zero-length runs, one run; several strings at once, str or bytes."""
+    rng = np.random.default_rng(18)
+    cases = [[7], [0, 7], [3, 0, 0, 4], [5, 100, 3, 2, 50], [2**28, 1, 2**28 - 5, 3]]
+    cases += [list(rng.integers(0, 10 ** int(rng.integers(1, 9)), int(rng.integers(1, 40)))) for _ in range(60)]
+    strings = [compressed([int(c) for c in counts], sum(counts), 1) for counts in cases]
+    strings = [s.decode() if i % 2 else s for i, s in enumerate(strings)]
+    runs, per_string = mask_fast.run_lengths(strings)
+    assert per_string.tolist() == [len(c) for c in cases]
+    assert runs.tolist() == [int(c) for counts in cases for c in counts]
+    assert max(len(s) for s in strings) > 5 * max(len(c) for c in cases)  # long numbers were in it
+
+
+def test_decoded_equals_pycocotools_and_declines_what_it_reads_otherwise():
+    rng = np.random.default_rng(19)
+    for h, w in [(480, 640), (1, 1), (7, 3), (33, 65)]:
+        bits = sparse_masks(rng, h, w, 6).masks
+        rles = mask_utils.encode(np.asfortranarray(bits.transpose(1, 2, 0)))
+        rles += [mask_utils.merge(mask_utils.frPyObjects([polygon(rng, h, w)], h, w)) for _ in range(3)]
+        expected = mask_utils.decode(rles).transpose(2, 0, 1)
+        ours = mask_fast.decoded(rles, h, w)
+        assert ours.dtype == np.uint8 and layout(ours) == layout(expected) and np.array_equal(ours, expected)
+    fills = {"size": [4, 3], "counts": compressed([5, 7], 4, 3)}
+    assert np.array_equal(mask_fast.decoded([fills], 4, 3), mask_utils.decode([fills]).transpose(2, 0, 1))
+    declined = [
+        compressed([5, 6], 4, 3),  # runs short of the image: pycocotools leaves bytes unwritten
+        compressed([5, 8], 4, 3),  # past it: pycocotools fails
+        b"",
+        b"5\x7f2",  # a character outside 48-111
+        b"5o",  # the last number cut off (0x20 set on the last character)
+        b"oooooo0",  # a number of 7 characters
+    ]
+    for counts in declined:
+        assert mask_fast.decoded([fills, {"size": [4, 3], "counts": counts}], 4, 3) is None, counts
+
+
 # ---- rescale / flip of bitmap masks ----------------------------------------------------------
 
 

@@ -5,11 +5,15 @@ instance's polygons into a full-image uint8 bitmap and then rescales (OpenCV's n
 mirrors each whole bitmap: for 640x480 photos and ``scale=(1333, 800)`` that is 0.85 MB a mask,
 nearly all zeros. What differs here:
 
-    FastLoadAnnotations  the same pycocotools calls on the same annotations (mmdet's own
-                         ``_process_masks`` keeps the same polygons and sets the same ignore flags),
-                         but all of a sample's bitmaps decoded by one ``decode`` call into one
+    FastLoadAnnotations  the same pycocotools calls make the same RLEs of the same annotations
+                         (mmdet's own ``_process_masks`` keeps the same polygons and sets the same
+                         ignore flags), but all of a sample's bitmaps are decoded at once into one
                          column-major array, used as it is: mmdet decodes each into an array of its
-                         own and ``BitmapMasks`` copies them all into a stack (of the same layout)
+                         own and ``BitmapMasks`` copies them all into a stack (of the same layout).
+                         The decode is numpy's (:func:`decoded`): the counts of all the strings read
+                         at once, the bitmaps written as runs by one ``np.repeat``; pycocotools
+                         writes each byte in a loop, seven times the time (4.1-4.5 against 0.6 ms
+                         for seven star-shaped masks on a 640x480 image)
     rescale, flip        (``fast_transforms.rescaled_bitmaps`` / ``flipped_bitmaps``, behind
                          ``FastResize`` and ``FastRandomFlip``, call :func:`rescaled` and
                          :func:`flipped`): one new array for all of a sample's masks. A rescale fills
@@ -24,7 +28,8 @@ Values, dtype (uint8) and shapes are mmdet's; rescaled and mirrored masks are C-
 ones column-major as mmdet's (their boxes are read through the transpose, which OpenCV takes
 without a copy). Where the outputs could differ (``poly2mask=False``; an RLE whose ``size`` is not
 the image's; masks that are not uint8 or not of the size their ``BitmapMasks`` says) mmdet's code
-or the per-mask OpenCV calls run instead.
+or the per-mask OpenCV calls run instead; where pycocotools would read an RLE string otherwise than
+as its writer's runs laid end to end (:func:`decoded` says which), pycocotools decodes it.
 """
 
 from __future__ import annotations
@@ -64,8 +69,10 @@ class FastLoadAnnotations(mmdet_loading.LoadAnnotations):
         h, w = results["ori_shape"]
         rles = [to_rle(ann, h, w) for ann in self._process_masks(results)]
         if rles and all(list(rle.get("size", ())) == [h, w] for rle in rles):
-            # pycocotools' (h, w, n) column-major array, seen as (n, h, w): the layout of mmdet's stack
-            results["gt_masks"] = fast_transforms.bitmap_masks(mask_utils.decode(rles).transpose(2, 0, 1), h, w)
+            masks = decoded(rles, h, w)
+            if masks is None:  # pycocotools' (h, w, n) column-major array seen as (n, h, w): mmdet's layout
+                masks = mask_utils.decode(rles).transpose(2, 0, 1)
+            results["gt_masks"] = fast_transforms.bitmap_masks(masks, h, w)
         else:  # none, or sizes one decode call cannot take: mmdet's per-mask decode and stack (and its failure)
             results["gt_masks"] = BitmapMasks([mask_utils.decode(rle) for rle in rles], h, w)
         return None
@@ -78,6 +85,60 @@ def to_rle(mask_ann: list | dict, h: int, w: int) -> dict:
     if isinstance(mask_ann["counts"], list):
         return mask_utils.frPyObjects(mask_ann, h, w)
     return mask_ann
+
+
+def decoded(rles: list[dict], h: int, w: int) -> np.ndarray | None:
+    """pycocotools' ``decode`` of compressed RLEs of size (h, w), as its (n, h, w) column-major bitmaps, by
+    numpy: a sample's counts read at once (:func:`run_lengths`), its bitmaps written by one ``np.repeat`` of
+    alternating 0/1 runs (pycocotools writes each byte in a loop: 7x the time). None where pycocotools'
+    result is not the runs laid end to end: strings it reads otherwise, or runs that do not fill the image
+    (it then fails, or leaves bytes unwritten); the caller has pycocotools decode."""
+    read = run_lengths([rle["counts"] for rle in rles])
+    if read is None or h * w >= 2**32:  # (pycocotools keeps counts as 32-bit unsigned)
+        return None
+    runs, per_mask = read
+    firsts = np.cumsum(per_mask) - per_mask
+    if runs.min() < 0 or np.any(np.add.reduceat(runs, firsts) != h * w):
+        return None
+    ones = ((np.arange(len(runs)) - np.repeat(firsts, per_mask)) & 1).astype(np.uint8)  # zeros first, each mask
+    return np.repeat(ones, runs).reshape(len(rles), w, h).transpose(0, 2, 1)
+
+
+def run_lengths(strings: list[bytes | str]) -> tuple[np.ndarray, np.ndarray] | None:
+    """The counts of COCO's compressed RLE strings as pycocotools' ``rleFrString`` reads them: 5 bits a
+    character (ASCII 48-111) from the lowest up, 0x20 set where the number goes on, 0x10 of its last
+    character its sign; from the fourth number on, each adds the number two before it. Returns all
+    strings' counts end to end and how many each has; None for what it would read otherwise or outside
+    C's defined arithmetic: an empty string, other characters, a number cut off, one of over 6 characters."""
+    encoded = [s.encode() if isinstance(s, str) else s for s in strings]
+    sizes = np.fromiter(map(len, encoded), dtype=np.intp, count=len(encoded))
+    if not len(sizes) or sizes.min() == 0:
+        return None
+    chars = np.frombuffer(b"".join(encoded), dtype=np.uint8)
+    if chars.min() < 48 or chars.max() > 111:
+        return None
+    chars = chars - np.uint8(48)
+    ends = np.flatnonzero(chars < 0x20)  # a number's last character
+    if not len(ends):
+        return None
+    string_ends = np.cumsum(sizes) - 1
+    numbers_so_far = np.searchsorted(ends, string_ends, side="right")
+    if not np.array_equal(ends[numbers_so_far - 1], string_ends):  # a string ends inside a number
+        return None
+    lengths = np.diff(ends, prepend=-1)
+    if lengths.max() > 6:
+        return None
+    digit = np.arange(len(chars)) - np.repeat(ends - lengths + 1, lengths)  # each character's place
+    values = np.add.reduceat((chars & 0x1F).astype(np.int32) << (5 * digit).astype(np.int32), ends - lengths + 1)
+    values = values.astype(np.int64) - ((chars[ends] >= 0x10).astype(np.int64) << (5 * lengths))
+    per_string = np.diff(numbers_so_far, prepend=0)
+    place = np.arange(len(values)) - np.repeat(numbers_so_far - per_string, per_string)
+    for parity, chained in ((1, per_string // 2), (0, (per_string - 1) // 2)):  # the odd ones, the even from 2
+        linked = (place & 1 == parity) & (place > 0)
+        sums = np.cumsum(values[linked])
+        before = np.concatenate(([0], sums))[np.cumsum(chained) - chained]
+        values[linked] = sums - np.repeat(before, chained)
+    return values, per_string
 
 
 def rescaled(masks: np.ndarray, size: tuple[int, int], new_size: tuple[int, int]) -> np.ndarray | None:
