@@ -47,11 +47,12 @@ def test_jpeg_rows_bench_times_bands_and_both_yolox_pipelines():
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [line.split("|")[1:-1] for line in proc.stdout.splitlines() if line.startswith("| ") and "---" not in line]
     decoders = [r for r in rows if r[0].strip().startswith(("OpenCV,", "jpeg_rows,"))]
-    # each band was checked against OpenCV's rows before it was timed (the script exits with an error otherwise)
+    # each part was checked against OpenCV's pixels before it was timed (the script exits with an error otherwise)
     assert [r[0].strip() for r in decoders][:2] == ["OpenCV, whole image", "jpeg_rows, all rows"]
-    assert len(decoders) == 5 and all(float(r[1]) > 0 for r in decoders)
+    assert len(decoders) == 7 and all(float(r[1]) > 0 for r in decoders)
     yolox = [r for r in rows if "`yolox" in r[0]]
     assert [r[0].split("(")[0].strip() for r in yolox] == ["YOLOX-tiny", "YOLOX-s"]
-    for name, whole, apart, speedup, images, not_decoded in yolox:
+    for name, whole, apart, speedup, images, rows_not, columns_not in yolox:
         assert float(whole) > 0 and float(apart) > 0 and speedup.strip().endswith("x"), name
-        assert float(images) >= 0 and re.fullmatch(r" \d+ of \d+ \(\d+%\) ", not_decoded), not_decoded
+        assert float(images) >= 0 and re.fullmatch(r" \d+ of \d+ \(\d+%\) ", rows_not), rows_not
+        assert re.fullmatch(r" \d+ of \d+ \(\d+%\) ", columns_not), columns_not

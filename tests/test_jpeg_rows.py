@@ -1,5 +1,5 @@
-"""det_mmdet.jpeg_rows: a band of a JPEG's rows decoded by libjpeg-turbo equals those rows of OpenCV's
-decode, bit for bit (the rest is never read: left as allocated), for the JPEG kinds a data set holds;
+"""det_mmdet.jpeg_rows: a band of a JPEG's rows (and columns) decoded by libjpeg-turbo equals that part
+of OpenCV's decode, bit for bit (the rest is never read: left as allocated), for the JPEG kinds a data set holds;
 whatever it cannot promise it refuses (None).
 """
 
@@ -70,6 +70,32 @@ def test_bands_equal_opencvs_rows(size):
             assert np.array_equal(decoded[first:last], whole[first:last]), (kind, first, last)
 
 
+@pytest.mark.parametrize("size", [(480, 640), (37, 53), (17, 16)])
+def test_regions_equal_opencvs_pixels(size):
+    """Columns too: the columns next to libjpeg-turbo's cut are upsampled from one chroma sample, so it
+    decodes one more on each side; every column from ``left`` to ``right`` is OpenCV's, at every
+    subsampling, on and off the MCUs' edges, at the image's edges."""
+    rng = np.random.default_rng(sum(size) + 1)
+    img = photo(rng, *size)
+    for kind, data in kinds(img).items():
+        whole = opencv(data)
+        height, width = whole.shape[:2]
+        edges = [0, 1, 7, 8, 9, 15, 16, 17, 31, 32, 33, width - 17, width - 16, width - 1, width]
+        edges = sorted({e for e in edges if 0 <= e <= width} | set(rng.integers(0, width + 1, 6).tolist()))
+        for left in edges:
+            for right in (e for e in edges if e > left):
+                first, last = sorted(rng.choice(np.arange(height + 1), 2, replace=False))
+                decoded = jpeg_rows.decode(data, (height, width), int(first), int(last), left, right)
+                assert decoded is not None, (kind, left, right)
+                assert np.array_equal(decoded[first:last, left:right], whole[first:last, left:right]), (
+                    kind,
+                    first,
+                    last,
+                    left,
+                    right,
+                )
+
+
 def test_what_it_cannot_promise_is_refused():
     img = photo(np.random.default_rng(3), 48, 64)
     plain = cv2.imencode(".jpg", img)[1].tobytes()
@@ -86,6 +112,8 @@ def test_what_it_cannot_promise_is_refused():
         assert jpeg_rows.decode(data, shape, 0, shape[0]) is None, why
     for first, last in ((0, 0), (5, 5), (-1, 10), (10, 49)):  # empty, or outside the image
         assert jpeg_rows.decode(plain, (48, 64), first, last) is None, (first, last)
+    for left, right in ((3, 3), (9, 2), (-1, 5), (60, 65)):
+        assert jpeg_rows.decode(plain, (48, 64), 0, 48, left, right) is None, (left, right)
 
 
 def test_a_damaged_stream_is_left_to_opencv():

@@ -73,7 +73,7 @@ def test_jpeg_header_gives_the_decoded_size_and_its_turn_or_none():
         assert Y.jpeg_header(data) == (decoded.shape[:2], orientation) and decoded.shape[:2] == (37, 53)
     turned = encoded(img, exif=exif(6))
     assert cv2.imdecode(np.frombuffer(turned, np.uint8), cv2.IMREAD_COLOR).shape[:2] == (53, 37)
-    assert Y.jpeg_header(turned) == ((37, 53), 6)  # a quarter turn: rows_read leaves it to OpenCV
+    assert Y.jpeg_header(turned) == ((37, 53), 6)  # a quarter turn: part_read leaves it to OpenCV
     plain = cv2.imencode(".jpg", img)[1].tobytes()
     xmp = b"http://ns.adobe.com/xap/1.0/\x00<x:xmpmeta/>"
     xmp_first = plain[:2] + b"\xff\xe1" + (len(xmp) + 2).to_bytes(2, "big") + xmp + plain[2:]
@@ -153,17 +153,18 @@ def test_partners_the_warp_never_reads_are_not_decoded_and_samples_stay_the_same
     cfg = dict(type="MultiImageMixDataset", dataset=coco_cfg(turned_coco, loads), pipeline=pipeline)
     if variant == "affine_skipped":
         cfg["skip_type_keys"] = ["RandomAffine"]
-    Y.SKIPPED.update(decodes=0, canvases=0, rows=0)
+    Y.SKIPPED.update(decodes=0, canvases=0, rows=0, columns=0)
     ours, fast_names = samples(cfg, True, count=36)
-    skipped, parts, rows = Y.SKIPPED["decodes"], Y.SKIPPED["canvases"], Y.SKIPPED["rows"]
+    skipped, parts, rows, columns = (Y.SKIPPED[k] for k in ("decodes", "canvases", "rows", "columns"))
     theirs, slow_names = samples(cfg, False, count=36)
     assert_same(theirs, ours, pixels=AFTER_MIXUP)
     assert {"FastMultiImageMixDataset", "FastMosaic"} <= set(fast_names)
     assert not any(n.startswith("Fast") for n in slow_names)  # data.fast_transforms: false gives mmdet's own
     if variant in ("affine_skipped", "not_loading_only", "ignore_empty"):
-        assert skipped == parts == rows == 0
-    elif variant.endswith("_at_scale"):  # pieces pasted as they are: only the rows the warp reads decoded
+        assert skipped == parts == rows == columns == 0
+    elif variant.endswith("_at_scale"):  # pieces pasted as they are: only the part the warp reads decoded
         assert rows >= 36 * 128 // 4, rows  # a quarter of a main image's rows a sample, on average
+        assert columns >= 36 * 128 // 4, columns  # and of its columns
         assert skipped >= 10, skipped
     else:
         assert skipped >= 10, skipped  # a third of the 108 partners or so

@@ -825,7 +825,7 @@ class FastMultiImageMixDataset(MultiImageMixDataset):
 
     def __getitem__(self, idx):
         take = (lambda sample: sample) if fresh_samples(self.dataset) else copy_value
-        results = yolox_fast.first_sample(self, idx, take)  # a mosaic's first piece: only the rows read
+        results = yolox_fast.first_sample(self, idx, take)  # a mosaic's first piece: only the part read
         for transform, transform_type in zip(self.pipeline, self.pipeline_types, strict=True):
             if self._skip_type_keys is not None and transform_type in self._skip_type_keys:
                 continue
@@ -834,7 +834,7 @@ class FastMultiImageMixDataset(MultiImageMixDataset):
                     indexes = transform.get_indexes(self.dataset)
                     if not isinstance(indexes, collections.abc.Sequence):
                         indexes = [indexes]
-                    mix_results = yolox_fast.partners(self, transform, indexes, take)  # only the rows read
+                    mix_results = yolox_fast.partners(self, transform, indexes, take)  # only the parts read
                     if None not in mix_results:
                         results["mix_results"] = mix_results
                         break

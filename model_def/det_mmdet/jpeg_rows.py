@@ -1,10 +1,15 @@
-"""Decoding a band of a JPEG's rows, the pixels ``cv2.imdecode`` gives for those rows, and no others.
+"""Decoding part of a JPEG (a band of its rows and of its columns), the pixels ``cv2.imdecode`` gives
+there, and few others.
 
-YOLOX's warp reads part of its mosaic, so of a mosaic piece it often needs only some of the rows
-(``yolox_fast``). libjpeg-turbo decodes rows top to bottom and can skip rows at either end
+YOLOX's warp reads part of its mosaic, so of a mosaic piece it often needs only some of the rows and
+columns (``yolox_fast``). libjpeg-turbo decodes rows top to bottom and can skip rows at either end
 (``jpeg_skip_scanlines``; after the last row wanted it stops), and its pixels do not depend on where
 it stops or starts: each row's samples come from the same inverse DCT, upsampling and colour
-conversion as in a whole decode (``tests/test_jpeg_rows.py`` checks bands against OpenCV's decode).
+conversion as in a whole decode. Of columns it decodes whole MCUs from a cut on an MCU's edge
+(``jpeg_crop_scanline``; it still reads every MCU's coefficients, but transforms and converts only
+those): there the column next to each cut differs from the whole decode (chroma upsampling reads
+the neighbour beyond the cut), so :func:`columns_decoded` cuts one column further out on each side.
+``tests/test_jpeg_rows.py`` checks bands and regions against OpenCV's decode at every subsampling.
 
 This module is an adapter over TurboJPEG 3's C API (``tj3Init``, ``tj3DecompressHeader``, ``tj3Get``,
 ``tj3SetCroppingRegion``, ``tj3Decompress8``; documented in libjpeg-turbo's
@@ -30,10 +35,12 @@ import numpy as np
 
 # From turbojpeg.h (libjpeg-turbo 3.0): tj3Init's kind, tj3Get's parameters, the colour space and pixel format.
 TJINIT_DECOMPRESS = 1
-TJPARAM_JPEGWIDTH, TJPARAM_JPEGHEIGHT, TJPARAM_PRECISION, TJPARAM_COLORSPACE = 5, 6, 7, 8
+TJPARAM_SUBSAMP, TJPARAM_JPEGWIDTH, TJPARAM_JPEGHEIGHT, TJPARAM_PRECISION, TJPARAM_COLORSPACE = 4, 5, 6, 7, 8
 TJPARAM_LOSSLESS = 15
 TJCS_YCBCR = 1
 TJPF_BGR = 1
+# tjMCUWidth by TJSAMP_*: 4:4:4, 4:2:2, 4:2:0, grayscale, 4:4:0, 4:1:1, 4:4:1 (a cropping region starts on a multiple)
+MCU_WIDTH = {0: 8, 1: 16, 2: 16, 3: 8, 4: 8, 5: 32, 6: 8}
 
 
 class Region(ctypes.Structure):
@@ -89,12 +96,16 @@ def decompressor() -> Any:
     return HANDLES[pid]
 
 
-def decode(data: bytes, shape: tuple[int, int], first: int, last: int) -> np.ndarray | None:
-    """The (height, width, 3) BGR image of ``data`` with rows ``first`` to ``last`` (excluded) as
-    ``cv2.imdecode(..., IMREAD_COLOR)`` decodes them, the other rows as allocated (the caller never
-    reads them: a zero fill would cost a pass over memory the heap hands back); None where this decoder
-    cannot promise OpenCV's pixels (see the module docstring) or the image is not of ``shape``."""
-    if LIBRARY is None or not 0 <= first < last <= shape[0]:
+def decode(
+    data: bytes, shape: tuple[int, int], first: int, last: int, left: int = 0, right: int | None = None
+) -> np.ndarray | None:
+    """The (height, width, 3) BGR image of ``data`` with rows ``first`` to ``last`` and columns ``left``
+    to ``right`` (ends excluded; all columns by default) as ``cv2.imdecode(..., IMREAD_COLOR)`` decodes
+    them, the other pixels as decoded near the cut or as allocated (the caller never reads them: a zero
+    fill would cost a pass over memory the heap hands back); None where this decoder cannot promise
+    OpenCV's pixels (see the module docstring) or the image is not of ``shape``."""
+    right = shape[1] if right is None else right
+    if LIBRARY is None or not (0 <= first < last <= shape[0] and 0 <= left < right <= shape[1]):
         return None
     tj = decompressor()
     if LIBRARY.tj3DecompressHeader(tj, data, len(data)) != 0:
@@ -104,11 +115,25 @@ def decode(data: bytes, shape: tuple[int, int], first: int, last: int) -> np.nda
     if not plain or header != [shape[0], shape[1], 8]:
         return None
     height, width = shape
-    # x 0 and the whole width: no column cropping (whose edge columns would be upsampled differently)
-    if LIBRARY.tj3SetCroppingRegion(tj, Region(0, first, width, last - first)) != 0:
+    x, end = columns_decoded(left, right, width, LIBRARY.tj3Get(tj, TJPARAM_SUBSAMP))
+    if LIBRARY.tj3SetCroppingRegion(tj, Region(x, first, end - x, last - first)) != 0:
         return None
     img = np.empty((height, width, 3), dtype=np.uint8)
-    band = img[first:last]
+    band = img[first:last, x:end]
     if LIBRARY.tj3Decompress8(tj, data, len(data), band.ctypes.data, width * 3, TJPF_BGR) != 0:
         return None  # an error or a warning (a damaged stream): OpenCV decides, as for mmdet
     return img
+
+
+def columns_decoded(left: int, right: int, width: int, subsampling: int) -> tuple[int, int]:
+    """The columns (start, end) to have libjpeg-turbo decode so that ``left`` to ``right`` are OpenCV's:
+    the start on an MCU's edge (TurboJPEG's rule) and one column short of ``left``, the end one past
+    ``right``, and a whole MCU at least. The column next to a cut is upsampled from one chroma sample
+    where the whole decode has two (the neighbour beyond the cut is not decoded); the next is not (its
+    chroma samples both lie inside). A single chroma column (two pixels at 4:2:0) is upsampled
+    otherwise still. The whole width where the subsampling is not one this knows."""
+    mcu = MCU_WIDTH.get(subsampling)
+    if mcu is None:
+        return 0, width
+    start = (max(left - 1, 0) // mcu) * mcu
+    return start, min(max(right + 1, start + mcu), width)

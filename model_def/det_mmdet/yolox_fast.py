@@ -1,5 +1,5 @@
-"""YOLOX's pipeline faster with the same outputs: of the mosaic's four images only the rows the
-affine warp reads are decoded (none of an image it never shows), the mosaic is made only where the
+"""YOLOX's pipeline faster with the same outputs: of the mosaic's four images only the part the
+affine warp reads is decoded (none of an image it never shows), the mosaic is made only where the
 warp reads it, and the warp's boxes are moved in numpy (:class:`FastRandomAffine`).
 
 YOLOX warps its 2x-sized mosaic with a random affine matrix that
@@ -10,14 +10,14 @@ and its partners (:func:`partners`) here: the mosaic's choice of partners and th
 affine's random numbers are drawn ahead, on a copy of numpy's random state (the three transforms
 draw from ``numpy.random`` and nothing draws in between), giving the part of the mosaic the warp
 reads (the output's corners mapped back, a margin for the bilinear neighbours). Each image pasted
-there unresized has only the rows that part covers decoded (:mod:`jpeg_rows`, libjpeg-turbo: the
-rows OpenCV decodes, bit for bit); one pasted outside it has its annotations loaded but not its
-pixels. Their boxes are the same (they need only the image's size, from the JPEG's frame header);
-the rows not decoded are never read. Only where the pipeline is exactly
+there unresized has only the rows and columns that part covers decoded (:mod:`jpeg_rows`,
+libjpeg-turbo: the pixels OpenCV decodes, bit for bit); one pasted outside it has its annotations
+loaded but not its pixels. Their boxes are the same (they need only the image's size, from the
+JPEG's frame header); the pixels not decoded are never read. Only where the pipeline is exactly
 ``FastMosaic`` then ``RandomAffine`` (neither skipped), the inner dataset only loads (mmengine's
 ``BaseDataset``, ``LoadImageFromFile`` with defaults and ``LoadAnnotations`` for boxes), and
 the image is a JPEG whose frame header gives its size (no Exif block, or one whose orientation
-keeps the size: OpenCV turns images by it; rows are decoded apart only with no turn at all, and
+keeps the size: OpenCV turns images by it; parts are decoded apart only with no turn at all, and
 only from 8-bit YCbCr JPEGs); anything else is decoded whole by OpenCV as before (from the bytes
 already read for the header: each file is read once). A corrupt image, or a corrupt part of one,
 that is never shown is not noticed, where mmdet's decode would fail on it. Where that part is under
@@ -36,7 +36,6 @@ gives OpenCV's pixels at the same speed (1.1 ms a 640x480 JPEG here); ``simplejp
 same pixels as ``cv2.imdecode``, only 8% faster, and ignores the Exif orientation that OpenCV applies.
 Decoding only the rows the warp reads through Pillow: it stops early given a shorter tile, but then
 reports a broken stream, and its RGB output costs a conversion (0.3 ms) that eats most of the gain.
-libjpeg-turbo's cropping of columns as well changes the pixels next to the cut (chroma upsampling).
 """
 
 from __future__ import annotations
@@ -66,7 +65,7 @@ AFFINE_ROW = np.array([0.0, 0.0, 1.0], dtype=np.float32)
 def first_sample(wrapper: Any, index: int, take: Any) -> dict:
     """``wrapper.dataset[index]``, the sample the wrapper's pipeline starts from. Where that pipeline
     starts with a ``FastMosaic`` the warp follows (see :func:`shown_region`), the sample goes to the
-    mosaic's top-left corner and its image is decoded like a partner's: only the rows the warp reads.
+    mosaic's top-left corner and its image is decoded like a partner's: only the part the warp reads.
     That part is worked out after the mosaic's choice of partners (``get_indexes``: mmdet's draws from
     numpy's random state, made here on a copy of it) and kept for :func:`partners`, which uses it
     where numpy's random state is the one foreseen."""
@@ -91,7 +90,7 @@ def first_sample(wrapper: Any, index: int, take: Any) -> dict:
 
 def partners(wrapper: Any, transform: Any, indexes: list[int], take: Any) -> list[dict]:
     """The samples ``transform`` (a mixing transform of ``wrapper``'s pipeline) mixes in: those of
-    ``indexes`` loaded, of a ``FastMosaic``'s partners only the rows the following warp reads."""
+    ``indexes`` loaded, of a ``FastMosaic``'s partners only the part the following warp reads."""
     ahead = wrapper.__dict__.pop("shown_ahead", None)
     if ahead is not None and ahead[0] is transform and same_stream(ahead[1], numpy_stream()):
         shown = ahead[2]
@@ -114,53 +113,57 @@ def partner(dataset: Any, mosaic: Any, index: int, loc: str, shown: Any) -> dict
     results = dataset.get_data_info(index)
     load = dataset.pipeline.transforms[0]
     data = mmengine.fileio.get(results["img_path"], backend_args=load.backend_args)
-    results["img"] = piece_image(data, results["img_path"], load, rows_read(mosaic, loc, data, shown))
+    results["img"] = piece_image(data, results["img_path"], load, part_read(mosaic, loc, data, shown))
     results["img_shape"] = results["ori_shape"] = results["img"].shape[:2]
     for t in dataset.pipeline.transforms[1:]:
         results = t(results)
     return results
 
 
-def piece_image(data: bytes, path: str, load: Any, rows: tuple[int, int, int, int] | None) -> np.ndarray:
-    """The image ``LoadImageFromFile`` decodes from ``data``, where only rows ``rows[0]`` to ``rows[1]``
-    of the image of ``rows[2:]`` (height, width) are read later: those decoded (:mod:`jpeg_rows`), the
-    others left as allocated (never read). ``rows`` None: all of it, by OpenCV."""
-    if rows is not None:
-        first, last, height, width = rows
-        if first >= last:
+def piece_image(data: bytes, path: str, load: Any, part: tuple[int, ...] | None) -> np.ndarray:
+    """The image ``LoadImageFromFile`` decodes from ``data``, where of the image of ``part[4:]`` (height,
+    width) only rows ``part[0]`` to ``part[1]`` and columns ``part[2]`` to ``part[3]`` are read later:
+    those decoded (:mod:`jpeg_rows`), the others left as allocated (never read). ``part`` None: all
+    of it, by OpenCV."""
+    if part is not None:
+        first, last, left, right, height, width = part
+        if first >= last or left >= right:
             SKIPPED["decodes"] += 1
             return np.empty((height, width, 3), dtype=np.uint8)
-        img = jpeg_rows.decode(data, (height, width), first, last)
+        img = jpeg_rows.decode(data, (height, width), first, last, left, right)
         if img is not None:
             SKIPPED["rows"] += height - (last - first)
+            SKIPPED["columns"] += width - (right - left)
             return img
     img = mmcv.imfrombytes(data, flag=load.color_type, backend=load.imdecode_backend)
     assert img is not None, f"failed to load image: {path}"  # LoadImageFromFile's check
     return img
 
 
-SKIPPED = {"decodes": 0, "canvases": 0, "rows": 0}  # pieces not decoded, mosaics made in part, rows not decoded
+SKIPPED = {"decodes": 0, "canvases": 0, "rows": 0, "columns": 0}  # pieces not decoded, mosaics in part, rows, columns
 
 
-def rows_read(mosaic: Any, loc: str, data: bytes, shown: Any) -> tuple[int, int, int, int] | None:
-    """(first, last, height, width): the rows of the image of ``data`` that the warp reads once it is
-    pasted at ``loc`` (first >= last: none); None where that is not known or it reads them all."""
+def part_read(mosaic: Any, loc: str, data: bytes, shown: Any) -> tuple[int, ...] | None:
+    """(first row, last row, first column, last column, height, width): the part of the image of
+    ``data`` that the warp reads once it is pasted at ``loc`` (ends excluded; empty: none); None where
+    that is not known or it reads all of it."""
     header = jpeg_header(data)
     if header is None or not 1 <= header[1] <= 4:  # not known ahead: OpenCV's size
         return None
     (height, width), orientation = header
     if shown == "none":  # no mosaic: a partner is never read
-        return 0, 0, height, width
+        return 0, 0, 0, 0, height, width
     center, (out_w, out_h) = shown[4:6], mosaic.img_scale
     scale = min(out_h / height, out_w / width)
     size = (int(width * scale), int(height * scale))
-    (x1, y1, x2, y2), (_, cut_y1, _, _) = mosaic._mosaic_combine(loc, center, size)
+    (x1, y1, x2, y2), (cut_x1, cut_y1, _, _) = mosaic._mosaic_combine(loc, center, size)
     if not (x1 < x2 and y1 < y2 and x1 < shown[2] and x2 > shown[0] and y1 < shown[3] and y2 > shown[1]):
-        return 0, 0, height, width
-    if size != (width, height) or orientation != 1:  # resized (neighbour rows read) or turned: every row
+        return 0, 0, 0, 0, height, width
+    if size != (width, height) or orientation != 1:  # resized (neighbour pixels read) or turned: all of it
         return None
-    top, bottom = max(y1, shown[1]), min(y2, shown[3])
-    return cut_y1 + top - y1, cut_y1 + bottom - y1, height, width
+    top, bottom = max(y1, shown[1]) - y1 + cut_y1, min(y2, shown[3]) - y1 + cut_y1
+    left, right = max(x1, shown[0]) - x1 + cut_x1, min(x2, shown[2]) - x1 + cut_x1
+    return top, bottom, left, right, height, width
 
 
 def shown_region(wrapper: Any, mosaic: Any) -> Any:
