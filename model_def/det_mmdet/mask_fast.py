@@ -50,7 +50,7 @@ from det_mmdet import fast_transforms
 
 @TRANSFORMS.register_module(name="FastLoadAnnotations", force=True)
 class FastLoadAnnotations(mmdet_loading.LoadAnnotations):
-    """mmdet's ``LoadAnnotations``; a sample's bitmaps decoded by one pycocotools call (module docstring),
+    """mmdet's ``LoadAnnotations``; a sample's bitmaps decoded at once by numpy (module docstring),
     its boxes made float32 by numpy where mmdet has torch read the nested list (the same rounding of
     each number to float32; the same ``HorizontalBoxes``)."""
 
