@@ -269,8 +269,8 @@ def test_flipped_bitmaps_equal_mmdet(direction):
         h, w = (800, 1066) if seed == 0 else tuple(int(v) for v in rng.integers(1, 60, 2))
         masks = sparse_masks(rng, h, w, int(rng.integers(0, 5)), values=(1, 3))
         loaded_layout = np.asfortranarray(masks.masks.transpose(1, 2, 0)).transpose(2, 0, 1)  # LoadAnnotations'
-        for layout in (masks.masks, loaded_layout):  # mirrored whole by OpenCV; by their nonzero boxes
-            same_masks = BitmapMasks(layout, h, w)
+        for arranged in (masks.masks, loaded_layout):  # mirrored whole by OpenCV; by their nonzero boxes
+            same_masks = BitmapMasks(arranged, h, w)
             ours = F.flipped_bitmaps(same_masks, direction)
             assert_same(same_masks.flip(direction), ours)
             assert_row_major_uint8(ours)

@@ -93,8 +93,10 @@ def decoded(rles: list[dict], h: int, w: int) -> np.ndarray | None:
     alternating 0/1 runs (pycocotools writes each byte in a loop: 7x the time). None where pycocotools'
     result is not the runs laid end to end: strings it reads otherwise, or runs that do not fill the image
     (it then fails, or leaves bytes unwritten); the caller has pycocotools decode."""
+    if h * w >= 2**32:  # (pycocotools keeps counts as 32-bit unsigned)
+        return None
     read = run_lengths([rle["counts"] for rle in rles])
-    if read is None or h * w >= 2**32:  # (pycocotools keeps counts as 32-bit unsigned)
+    if read is None:
         return None
     runs, per_mask = read
     firsts = np.cumsum(per_mask) - per_mask
