@@ -19,9 +19,12 @@ mmdet's own ``get_indexes`` and ``_get_hsv_gains``), and outputs equal bit for b
     the cached ones      cache copies of what they read back (image, boxes, labels, flags, masks),
                          not of the whole sample (mmdet's caches hold every polygon of ``instances``)
     YOLOXHSVRandomAug    the hue/saturation/value shifts by lookup tables instead of int16 arrays,
-                         only for the channels whose gain is not zero
+                         only for the channels whose gain is not zero; right after YOLOX's warp,
+                         the round trip only around the mosaic's pictures, the pad's colour copied
+                         outside (``pad_outside``)
     RandomAffine         the warp's boxes moved in numpy around torch's own matrix product
-                         (``yolox_fast.FastRandomAffine``)
+                         (``yolox_fast.FastRandomAffine``); rows below the mosaic's pictures filled
+                         with the pad instead of warped
     PackDetInputs        the image made channels-first by ``cv2.split`` instead of torch's permute (a
                          mirrored view split from the array it views, each plane mirrored back in place)
     Resize, RandomFlip   bitmap masks resized / mirrored into one array (``BitmapMasks`` copies every
@@ -66,6 +69,7 @@ from mmdet.registry import TRANSFORMS
 from mmdet.structures.bbox import BaseBoxes, HorizontalBoxes, autocast_box_type
 from mmdet.structures.mask import BitmapMasks
 
+from det_mmdet import pad_outside
 from det_mmdet.errors import UserError
 
 KNOB = "data.fast_transforms"
@@ -380,6 +384,7 @@ class MosaicPixels:
             img_i = resized(patch["img"], (int(w_i * scale_i), int(h_i * scale_i)))
             pieces.append((patch, scale_i, img_i, *self._mosaic_combine(loc, center, img_i.shape[:2][::-1])))
         canvas = yolox_fast.shown_canvas(self, shape, img.dtype, pieces)  # only what the next warp reads, pasted
+        shown = canvas is not None
         if canvas is None:  # made later, only where RandomCrop's window reads it
             canvas = crop_resize.deferred_mosaic(self, shape, img.dtype, pieces)
         pasted = canvas is not None
@@ -421,12 +426,23 @@ class MosaicPixels:
             kept = boxes[inside]
         results["img"] = canvas
         results["img_shape"] = canvas.shape[:2]
+        pad = uint8_pad(self.pad_val)
+        if isinstance(canvas, np.ndarray) and is_color_uint8(canvas) and pad is not None:
+            pasted_at = [piece[3] for piece in pieces if piece[3][0] < piece[3][2] and piece[3][1] < piece[3][3]]
+            pad_outside.leave(canvas, outline(pasted_at), tuple(pad.tolist()), warp_reads_only=shown)
         results["gt_bboxes"] = kept
         results["gt_bboxes_labels"] = np.concatenate(labels, 0)[inside]
         results["gt_ignore_flags"] = np.concatenate(flags, 0)[inside]
         if with_mask:
             results["gt_masks"] = masks[0].cat(masks)[inside]
         return results
+
+
+def outline(rects: list[tuple[int, int, int, int]]) -> tuple[int, int, int, int]:
+    """The rectangle (x1, y1, x2, y2) around ``rects``; (0, 0, 0, 0) around none."""
+    if not rects:
+        return 0, 0, 0, 0
+    return min(r[0] for r in rects), min(r[1] for r in rects), max(r[2] for r in rects), max(r[3] for r in rects)
 
 
 def plain_boxes(boxes: Any) -> bool:
@@ -563,6 +579,23 @@ class FastYOLOXHSVRandomAug(mmdet_transforms.YOLOXHSVRandomAug):
         if not is_color_uint8(img):
             return super().transform(results)
         gains = self._get_hsv_gains()
+        region = converted_region(img)
+        if region is None:
+            self._shift(img, gains)
+        else:  # one colour outside the region (pad_outside): that colour's row shifted once, copied there
+            y1, y2, x1, x2 = region
+            row = np.empty((1, *img.shape[1:]), dtype=np.uint8)
+            row[:] = pad_outside.note_for(img).value
+            self._shift(row, gains)
+            if y1 < y2 and x1 < x2:
+                self._shift(img[y1:y2, x1:x2], gains)
+            pad_outside.fill_outside(img, region, row)
+            pad_outside.SKIPPED["hsv_pixels"] += img.shape[0] * img.shape[1] - (y2 - y1) * (x2 - x1)
+        results["img"] = img
+        return results
+
+    def _shift(self, img: np.ndarray, gains: np.ndarray) -> None:
+        """mmdet's HSV round trip and shifts on ``img`` (a view: rows of contiguous pixels), in place."""
         hsv = cv2.cvtColor(img, cv2.COLOR_BGR2HSV)
         shifts = gains[1:].astype(np.int32)
         if np.abs(shifts).max() > self.NO_WRAP:
@@ -576,9 +609,9 @@ class FastYOLOXHSVRandomAug(mmdet_transforms.YOLOXHSVRandomAug):
             tabled = [0] if gains[0] else []
         for channel in tabled:
             self._shift_by_table(hsv, int(channel), gains[channel])
-        cv2.cvtColor(hsv, cv2.COLOR_HSV2BGR, dst=img)  # in place, as mmdet's
-        results["img"] = img
-        return results
+        out = cv2.cvtColor(hsv, cv2.COLOR_HSV2BGR, dst=img)  # in place, as mmdet's
+        if out.ctypes.data != img.ctypes.data:  # (OpenCV's binding made its own array)
+            img[...] = out
 
     def _shift_by_table(self, hsv: np.ndarray, channel: int, gain: np.int16) -> None:
         """mmdet's shift of one channel, ``(x + gain) % 180`` for the hue, else clipped, through a table."""
@@ -586,6 +619,18 @@ class FastYOLOXHSVRandomAug(mmdet_transforms.YOLOXHSVRandomAug):
         plane = cv2.extractChannel(hsv, channel)
         cv2.LUT(plane, (shifted % 180 if channel == 0 else np.clip(shifted, 0, 255)).astype(np.uint8), dst=plane)
         cv2.insertChannel(plane, hsv, channel)
+
+
+def converted_region(img: np.ndarray) -> tuple[int, int, int, int] | None:
+    """(y1, y2, x1, x2): the part of ``img`` that YOLOXHSVRandomAug converts, where a note handed to it
+    (:mod:`pad_outside`) says that the image is one colour outside a rectangle; None: all of it."""
+    note = pad_outside.note_for(img)
+    if note is None or note.warp_reads_only or not img.flags.c_contiguous:
+        return None
+    x1, y1, x2, y2 = note.rect
+    columns = pad_outside.converted_columns(x1, x2, img.shape[1]) if x1 < x2 and y1 < y2 else (0, 0)
+    x1, x2 = columns or (0, img.shape[1])  # whole rows where OpenCV's run is not known
+    return y1, y2, x1, x2
 
 
 # ---------------------------------------------------------------------------------------------
@@ -826,6 +871,7 @@ class FastMultiImageMixDataset(MultiImageMixDataset):
     def __getitem__(self, idx):
         take = (lambda sample: sample) if fresh_samples(self.dataset) else copy_value
         results = yolox_fast.first_sample(self, idx, take)  # a mosaic's first piece: only the part read
+        note = None
         for transform, transform_type in zip(self.pipeline, self.pipeline_types, strict=True):
             if self._skip_type_keys is not None and transform_type in self._skip_type_keys:
                 continue
@@ -843,7 +889,11 @@ class FastMultiImageMixDataset(MultiImageMixDataset):
             kind = type(transform)
             given = (lambda r: r) if kind in NEVER_NONE else dict if kind in GIVES_UP_FIRST else copy_value
             for _ in range(self.max_refetch):
-                updated = transform(given(results))
+                pad_outside.hand_over(note)
+                try:
+                    updated = transform(given(results))
+                finally:
+                    note = pad_outside.taken()  # what it knows of its image's pad, for the next transform only
                 if updated is not None:
                     results = updated
                     break

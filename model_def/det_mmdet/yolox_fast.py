@@ -53,7 +53,7 @@ from mmdet.datasets.transforms import transforms as mmdet_transforms
 from mmdet.registry import TRANSFORMS
 from mmdet.structures.bbox import HorizontalBoxes, autocast_box_type
 
-from det_mmdet import fast_transforms, jpeg_rows
+from det_mmdet import fast_transforms, jpeg_rows, pad_outside
 
 AFFINE_ROW = np.array([0.0, 0.0, 1.0], dtype=np.float32)
 
@@ -379,7 +379,13 @@ class FastRandomAffine(mmdet_transforms.RandomAffine):
         img = results["img"]
         height, width = img.shape[0] + self.border[1] * 2, img.shape[1] + self.border[0] * 2
         matrix = self._get_random_homography_matrix(height, width)
-        results["img"] = cv2.warpPerspective(img, matrix, dsize=(width, height), borderValue=self.border_val)
+        note = pad_outside.note_for(img)
+        if note is not None and height > 0 and width > 0 and self.pad_note_holds(note, matrix, img):
+            rect = pad_outside.warped_rect(matrix, note.rect, (width, height))
+            results["img"] = self.warped_above(img, matrix, (width, height), rect[3], note.value)
+            pad_outside.leave(results["img"], rect, note.value)  # the pad read and the border: one colour
+        else:
+            results["img"] = cv2.warpPerspective(img, matrix, dsize=(width, height), borderValue=self.border_val)
         results["img_shape"] = results["img"].shape[:2]
         if len(boxes):
             projected = projected_boxes(boxes.tensor.numpy(), matrix)
@@ -390,6 +396,35 @@ class FastRandomAffine(mmdet_transforms.RandomAffine):
             results["gt_bboxes_labels"] = results["gt_bboxes_labels"][inside]
             results["gt_ignore_flags"] = results["gt_ignore_flags"][inside]
         return results
+
+    def warped_above(
+        self, img: np.ndarray, matrix: np.ndarray, size: tuple[int, int], rows: int, pad: tuple[int, int, int]
+    ) -> np.ndarray:
+        """mmdet's ``cv2.warpPerspective`` output of ``size`` where only its first ``rows`` rows can differ
+        from ``pad``: those warped (OpenCV maps each output row on its own, from its row number and the
+        matrix: the same pixels at any output height), the rest filled."""
+        width, height = size
+        out = np.empty((height, width, 3), dtype=np.uint8)
+        if rows > 0:
+            warped = cv2.warpPerspective(img, matrix, dsize=(width, rows), dst=out[:rows], borderValue=self.border_val)
+            if warped.ctypes.data != out.ctypes.data:  # (OpenCV's binding made its own array)
+                out[:rows] = warped
+        out[rows:] = fast_transforms.filled((1, width, 3), np.array(pad, dtype=np.uint8))
+        pad_outside.SKIPPED["warp_rows"] += height - max(rows, 0)
+        return out
+
+    def pad_note_holds(self, note: pad_outside.Note, matrix: np.ndarray, img: np.ndarray) -> bool:
+        """Whether the warp of ``img`` is ``note.value`` outside the warped ``note.rect``: a 3-channel uint8
+        image warped by an affine matrix with the pad's colour as its border."""
+        values = self.border_val  # OpenCV's Scalar: one number would be (v, 0, 0, 0)
+        listed = isinstance(values, (tuple, list)) and len(values) >= 3
+        border = fast_transforms.uint8_pad(values[:3]) if listed else None
+        return (
+            fast_transforms.is_color_uint8(img)
+            and border is not None
+            and tuple(border.tolist()) == note.value
+            and np.array_equal(matrix[2], AFFINE_ROW)
+        )
 
 
 def projected_boxes(boxes: np.ndarray, matrix: np.ndarray) -> np.ndarray:
