@@ -200,6 +200,32 @@ def test_numpy_stream_tells_whether_the_next_draws_are_the_ones_foreseen():
         np.random.set_bit_generator(generator)
 
 
+def test_put_back_gives_the_draws_set_state_gives():
+    """The stream saved ahead and put back (MT19937's key and position written back) draws as after
+    ``set_state``: the same uniform, integer and Gaussian numbers (a cached Gaussian kept: the draws made
+    ahead draw none), also across a renewed key; another bit generator goes through ``get_state``."""
+    generator = np.random.get_bit_generator()
+    try:
+        for kind in ("mt19937", "pcg64"):
+            draws = []
+            for ours in (False, True):
+                if kind == "mt19937":
+                    np.random.set_bit_generator(generator)
+                    np.random.seed(5)
+                else:
+                    np.random.set_bit_generator(np.random.PCG64(5))
+                np.random.standard_normal()  # one Gaussian left cached
+                saved = Y.saved_stream() if ours else np.random.get_state()
+                assert not ours or isinstance(saved, bytes) == (kind == "mt19937")
+                [np.random.randint(0, 1000) for _ in range(3)]  # the draws made ahead
+                np.random.uniform(size=700)  # past the end of the key: renewed
+                Y.put_back(saved) if ours else np.random.set_state(saved)
+                draws.append((np.random.standard_normal(), np.random.uniform(size=5), np.random.randint(0, 99, 4)))
+            assert all(np.array_equal(a, b) for a, b in zip(*draws, strict=True)), kind
+    finally:
+        np.random.set_bit_generator(generator)
+
+
 def test_partners_redo_the_look_ahead_where_numpy_drew_in_between(turned_coco):
     init_default_scope("mmdet")
     loads = [dict(type="LoadImageFromFile"), dict(type="LoadAnnotations", with_bbox=True)]

@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import collections.abc
 import copy
+import functools
 import itertools
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -108,14 +109,26 @@ def copy_value(value: Any) -> Any:
 
 
 def uint8_pad(pad_val: Any) -> np.ndarray | None:
-    """``pad_val`` as three uint8 channel values, or None where mmdet's canvas would hold other values."""
+    """``pad_val`` as three uint8 channel values (read-only), or None where mmdet's canvas would hold
+    other values. Worked out once per value (numbers, or a list or tuple of them): a sample asks often."""
+    key = tuple(pad_val) if isinstance(pad_val, (list, tuple)) else pad_val
+    try:
+        return _uint8_pad(key)
+    except TypeError:  # not hashable
+        return _uint8_pad.__wrapped__(key)
+
+
+@functools.lru_cache(maxsize=64)
+def _uint8_pad(pad_val: Any) -> np.ndarray | None:
     try:
         values = np.broadcast_to(np.asarray(pad_val, dtype=np.float64), (3,))
     except (TypeError, ValueError):
         return None  # mmdet's own code will say what is wrong with it
     if not np.all((values == np.floor(values)) & (values >= 0) & (values <= 255)):
         return None
-    return values.astype(np.uint8)
+    out = values.astype(np.uint8)
+    out.flags.writeable = False
+    return out
 
 
 def is_color_uint8(img: Any) -> bool:
