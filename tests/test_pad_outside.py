@@ -50,7 +50,9 @@ def test_hsv_to_bgr_of_a_rectangle_on_whole_runs_equals_the_whole_image():
     comes out as in the whole image; one pixel off a run edge, pixels that the lanes truncate and the
     one-pixel code rounds come out otherwise."""
     run = P.hsv_run()
-    assert run is not None and run in (4, 8, 16, 32, 64)  # lanes of 4 floats, 4 vectors a step
+    if run is None:  # (then whole rows are converted: the same code for every pixel as mmdet's)
+        pytest.skip("this OpenCV converts HSV to BGR without SIMD runs that differ from its one-pixel code")
+    assert run in (4, 8, 16, 32, 64)  # 4 vectors of 1 to 16 floats a step
     rng = np.random.default_rng(20)
     for width in (640, 641, 97 + run, 3 * run):
         hsv = rng.integers(0, 256, (40, width, 3), dtype=np.uint8)
@@ -72,6 +74,8 @@ def test_hsv_to_bgr_of_a_rectangle_on_whole_runs_equals_the_whole_image():
 def test_the_measured_run_is_where_lanes_end():
     run = P.measured_run()
     assert run == P.hsv_run()
+    if run is None:
+        pytest.skip("this OpenCV converts HSV to BGR without SIMD runs that differ from its one-pixel code")
     row = np.tile(P.PROBE, (1, 3 * run + 5, 1))
     out = cv2.cvtColor(row, cv2.COLOR_HSV2BGR)[0]
     assert len({tuple(p) for p in out[: 3 * run]}) == 1 and not np.array_equal(out[0], out[-1])
