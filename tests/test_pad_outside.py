@@ -17,18 +17,12 @@ from mmengine.registry import init_default_scope
 from det_mmdet import pad_outside as P
 from det_mmdet import yolox_fast as Y
 from det_mmdet.shapes import make_split
-from test_fast_transforms import YOLOX_LIKE, assert_same, coco_cfg, photo, samples
+from test_fast_transforms import YOLOX_LIKE, assert_same, coco_cfg, every_colour, photo, samples
 from test_yolox_fast import at_scale
 
 PAD = (114, 114, 114)
 
 # ---- OpenCV's conversions: which pixels go through which code ---------------------------------
-
-
-def every_colour() -> np.ndarray:
-    """All 2**24 three-channel values, as a 4096 x 4096 image."""
-    values = np.arange(1 << 24, dtype=np.uint32)
-    return np.stack([values & 255, (values >> 8) & 255, values >> 16], -1).astype(np.uint8).reshape(4096, 4096, 3)
 
 
 def one_pixel_rows(img: np.ndarray) -> np.ndarray:
