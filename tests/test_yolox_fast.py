@@ -264,6 +264,49 @@ def test_the_warp_reads_nothing_outside_read_region():
     assert partial >= 4  # zoomed in: a part of the mosaic only
 
 
+def test_warp_is_mmdets_warp_perspective_bit_for_bit():
+    """``warp`` (``cv2.warpAffine`` where this OpenCV's two warps agree) gives the pixels of mmdet's
+    ``cv2.warpPerspective`` call on YOLOX's matrices (scale 0.1-2, rotations, shears), whole outputs and
+    their first rows into a given array; a matrix whose last row is not (0, 0, 1) is warped in perspective."""
+    rng = np.random.default_rng(17)
+    mosaic = photo(rng, 1280, 1280)
+    transform = T.RandomAffine(scaling_ratio_range=(0.1, 2), border=(-320, -320), max_rotate_degree=30)
+    random.seed(2)
+    np.random.seed(2)
+    for _ in range(12):
+        matrix = transform._get_random_homography_matrix(640, 640)
+        wanted = cv2.warpPerspective(mosaic, matrix, dsize=(640, 640), borderValue=(114, 114, 114))
+        assert_same(wanted, Y.warp(mosaic, matrix, (640, 640), (114, 114, 114)))
+        out = np.zeros((640, 640, 3), dtype=np.uint8)
+        rows = int(rng.integers(1, 640))
+        Y.warp(mosaic, matrix, (640, rows), (114, 114, 114), dst=out[:rows])
+        assert_same(wanted[:rows], out[:rows])
+    tilted = np.array([[1.0, 0.1, 3.5], [0.05, 0.9, -7.25], [1e-4, 2e-4, 1.0]], dtype=np.float32)
+    wanted = cv2.warpPerspective(mosaic, tilted, dsize=(640, 640), borderValue=(114, 114, 114))
+    assert_same(wanted, Y.warp(mosaic, tilted, (640, 640), (114, 114, 114)))
+
+
+def test_the_warps_agree_on_this_opencv_and_warp_takes_the_affine_one(monkeypatch):
+    """OpenCV 4.11 and later (requirements.txt allows 4.8): the check finds the two warps the same, and
+    ``warp`` then warps affinely. (OpenCV 4.10's fixed-point warps differ: there the check is false and
+    ``warp`` warps in perspective, as mmdet.)"""
+    version = tuple(int(part) for part in cv2.__version__.split(".")[:2])
+    assert Y.affine_warps_agree() == (version >= (4, 11))
+    called, affine = [], cv2.warpAffine
+
+    def counted(*args, **kwargs):
+        called.append("affine")
+        return affine(*args, **kwargs)
+
+    monkeypatch.setattr(cv2, "warpAffine", counted)
+    monkeypatch.setattr(Y, "_AGREE", [True])
+    Y.warp(np.zeros((8, 8, 3), np.uint8), np.eye(3, dtype=np.float32), (8, 8), (0, 0, 0))
+    assert called == ["affine"]
+    monkeypatch.setattr(Y, "_AGREE", [False])
+    assert Y.warp(np.ones((8, 8, 3), np.uint8), np.eye(3, dtype=np.float32), (8, 8), (0, 0, 0)).sum() == 192
+    assert called == ["affine"]
+
+
 @pytest.mark.parametrize("masks", [None, "bitmap", "polygon"])
 def test_resize_of_an_image_already_at_its_size_equals_mmdet(masks):
     """YOLOX's Resize after RandomAffine: the image is kept (OpenCV would copy it), all else as mmdet's."""

@@ -24,18 +24,20 @@ that is never shown is not noticed, where mmdet's decode would fail on it. Where
 half the mosaic, :func:`shown_canvas` has ``FastMosaic`` fill and paste only inside it (checked to
 be the call foreseen: numpy's random state is where the look ahead left it after the mosaic's draws).
 
-Measured alternatives, kept out because they cannot give mmdet's pixels or gain too little:
-``cv2.warpAffine`` on the first two rows of ``RandomAffine``'s matrix (its last row is exactly
-``(0, 0, 1)``) gives ``cv2.warpPerspective``'s pixels bit for bit (450 random matrices), but warps
-the pipeline's mosaics only 2-4% faster (0.05 ms). MixUp's float64 jitter resize goes through
-Intel IPP inside OpenCV (``cv2.ipp.useIPP()``), whose coefficients are not OpenCV's documented
-``(dx + 0.5) * scale - 0.5`` in float (values differ by up to 6e-4 from that formula), so neither
-a window-only resize nor an 8-bit or float32 resize can reproduce its truncated values; det-mmdet
-makes it in float32 within one level instead (``crop_resize.TruncatedLater``). Pillow's decoder
-gives OpenCV's pixels at the same speed (1.1 ms a 640x480 JPEG here); ``simplejpeg`` decodes the
-same pixels as ``cv2.imdecode``, only 8% faster, and ignores the Exif orientation that OpenCV applies.
-Decoding only the rows the warp reads through Pillow: it stops early given a shorter tile, but then
-reports a broken stream, and its RGB output costs a conversion (0.3 ms) that eats most of the gain.
+The warp itself is ``cv2.warpAffine`` on the first two rows of ``RandomAffine``'s matrix (its last
+row is exactly ``(0, 0, 1)``) where this OpenCV gives ``cv2.warpPerspective``'s pixels that way
+(:func:`warp`; OpenCV 4.11 and later, checked once a process): 14% faster on a 640x640 warp here.
+
+Measured alternatives, kept out because they cannot give mmdet's pixels or gain too little: MixUp's
+float64 jitter resize goes through Intel IPP inside OpenCV (``cv2.ipp.useIPP()``), whose
+coefficients are not OpenCV's documented ``(dx + 0.5) * scale - 0.5`` in float (values differ by up
+to 6e-4 from that formula), so neither a window-only resize nor an 8-bit or float32 resize can
+reproduce its truncated values; det-mmdet makes it in float32 within one level instead
+(``crop_resize.TruncatedLater``). Pillow's decoder gives OpenCV's pixels at the same speed (1.1 ms a
+640x480 JPEG here); ``simplejpeg`` decodes the same pixels as ``cv2.imdecode``, only 8% faster, and
+ignores the Exif orientation that OpenCV applies. Decoding only the rows the warp reads through
+Pillow: it stops early given a shorter tile, but then reports a broken stream, and its RGB output
+costs a conversion (0.3 ms) that eats most of the gain.
 """
 
 from __future__ import annotations
@@ -386,7 +388,7 @@ MT_LAYOUT_HOLDS = mt_layout_holds()
 
 @TRANSFORMS.register_module(name="FastRandomAffine", force=True)
 class FastRandomAffine(mmdet_transforms.RandomAffine):
-    """mmdet's ``RandomAffine``: the same draws and the same ``cv2.warpPerspective`` call; the boxes
+    """mmdet's ``RandomAffine``: the same draws and ``cv2.warpPerspective``'s pixels (:func:`warp`); the boxes
     projected, clipped and kept in numpy on float32 around torch's own ``matmul`` (on the tensor
     layout mmdet gives it: the one step whose bits depend on torch's kernel), without mmdet's box
     objects in between. Each other step is one IEEE operation (a division, a min or max, a clip, a
@@ -407,7 +409,7 @@ class FastRandomAffine(mmdet_transforms.RandomAffine):
             results["img"] = self.warped_above(img, matrix, (width, height), rect[3], note.value)
             pad_outside.leave(results["img"], rect, note.value)  # the pad read and the border: one colour
         else:
-            results["img"] = cv2.warpPerspective(img, matrix, dsize=(width, height), borderValue=self.border_val)
+            results["img"] = warp(img, matrix, (width, height), self.border_val)
         results["img_shape"] = results["img"].shape[:2]
         if len(boxes):
             projected = projected_boxes(boxes.tensor.numpy(), matrix)
@@ -428,7 +430,7 @@ class FastRandomAffine(mmdet_transforms.RandomAffine):
         width, height = size
         out = np.empty((height, width, 3), dtype=np.uint8)
         if rows > 0:
-            warped = cv2.warpPerspective(img, matrix, dsize=(width, rows), dst=out[:rows], borderValue=self.border_val)
+            warped = warp(img, matrix, (width, rows), self.border_val, dst=out[:rows])
             if warped.ctypes.data != out.ctypes.data:  # (OpenCV's binding made its own array)
                 out[:rows] = warped
         out[rows:] = fast_transforms.filled((1, width, 3), np.array(pad, dtype=np.uint8))
@@ -447,6 +449,40 @@ class FastRandomAffine(mmdet_transforms.RandomAffine):
             and tuple(border.tolist()) == note.value
             and np.array_equal(matrix[2], AFFINE_ROW)
         )
+
+
+def warp(img: np.ndarray, matrix: np.ndarray, size: tuple[int, int], border: Any, **dst: np.ndarray) -> np.ndarray:
+    """mmdet's ``cv2.warpPerspective(img, matrix, dsize=size, borderValue=border)``: where ``matrix`` is
+    affine (last row exactly 0, 0, 1) and this OpenCV's two warps agree (:func:`affine_warps_agree`),
+    by ``cv2.warpAffine`` on its first two rows (14% faster here: no division per pixel)."""
+    if np.array_equal(matrix[2], AFFINE_ROW) and affine_warps_agree():
+        return cv2.warpAffine(img, matrix[:2], dsize=size, borderValue=border, **dst)
+    return cv2.warpPerspective(img, matrix, dsize=size, borderValue=border, **dst)
+
+
+_AGREE: list[bool] = []
+
+
+def affine_warps_agree() -> bool:
+    """Whether ``cv2.warpAffine`` gives ``cv2.warpPerspective``'s pixels for affine matrices, checked once
+    a process on bilinear 8-bit colour warps of a random image (YOLOX-like matrices: rotation, scale,
+    shear, fractional shifts, parts outside the source). OpenCV 4.11 and later map both in float32
+    through the same kernels, the perspective one then divides by ``0 * x + 1``, exactly 1: the same
+    bits. Earlier versions map them in different fixed-point arithmetic, and differ."""
+    if not _AGREE:
+        rng = np.random.default_rng(0)
+        src = rng.integers(0, 256, (97, 131, 3), dtype=np.uint8)
+        agree = True
+        for _ in range(24):
+            angle, scale, shear = rng.uniform(-0.2, 0.2), rng.uniform(0.4, 2.0), rng.uniform(-0.05, 0.05)
+            cos, sin = math.cos(angle) * scale, math.sin(angle) * scale
+            shift = rng.uniform(-40, 40, 2)
+            matrix = np.array([[cos, -sin + shear, shift[0]], [sin, cos, shift[1]], [0, 0, 1]], dtype=np.float32)
+            border = tuple(int(v) for v in rng.integers(0, 256, 3))
+            perspective = cv2.warpPerspective(src, matrix, dsize=(120, 90), borderValue=border)
+            agree &= np.array_equal(cv2.warpAffine(src, matrix[:2], dsize=(120, 90), borderValue=border), perspective)
+        _AGREE.append(bool(agree))
+    return _AGREE[0]
 
 
 def projected_boxes(boxes: np.ndarray, matrix: np.ndarray) -> np.ndarray:
