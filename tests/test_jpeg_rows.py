@@ -96,6 +96,28 @@ def test_regions_equal_opencvs_pixels(size):
                 )
 
 
+def test_a_region_decoded_into_a_place_on_a_larger_array_stays_inside_it():
+    """``out``: a view of a larger array (rows apart, as a piece's place on a mosaic board). The region is
+    OpenCV's; nothing outside the view is written, nor any row outside the band; a view of another
+    shape, type or pixel layout is refused."""
+    rng = np.random.default_rng(5)
+    img = photo(rng, 45, 70)
+    for kind, data in kinds(img).items():
+        whole = opencv(data)
+        for first, last, left, right in ((0, 45, 0, 70), (10, 30, 17, 40), (3, 4, 0, 1), (44, 45, 69, 70)):
+            board = np.full((60, 100, 3), 7, dtype=np.uint8)
+            place = board[6:51, 13:83]
+            assert jpeg_rows.decode(data, (45, 70), first, last, left, right, out=place) is place, kind
+            assert np.array_equal(place[first:last, left:right], whole[first:last, left:right]), kind
+            outside = np.ones(board.shape[:2], dtype=bool)
+            outside[6 + first : 6 + last, 13:83] = False
+            assert (board[outside] == 7).all(), (kind, first, last, left, right)
+    data = kinds(img)["opencv 4:2:0"]
+    board = np.zeros((60, 200, 3), dtype=np.uint8)
+    for wrong in (board[:45, :70][:, :, ::-1], board[:45, :140:2], board[:44, :70], board[:45, :70].astype(np.int16)):
+        assert jpeg_rows.decode(data, (45, 70), 0, 45, out=wrong) is None
+
+
 def test_what_it_cannot_promise_is_refused():
     img = photo(np.random.default_rng(3), 48, 64)
     plain = cv2.imencode(".jpg", img)[1].tobytes()

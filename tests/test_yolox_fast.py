@@ -154,18 +154,21 @@ def test_partners_the_warp_never_reads_are_not_decoded_and_samples_stay_the_same
     if variant == "affine_skipped":
         cfg["skip_type_keys"] = ["RandomAffine"]
     Y.SKIPPED.update(decodes=0, canvases=0, rows=0, columns=0)
+    F.IN_PLACE["pastes"] = 0
     ours, fast_names = samples(cfg, True, count=36)
     skipped, parts, rows, columns = (Y.SKIPPED[k] for k in ("decodes", "canvases", "rows", "columns"))
+    placed = F.IN_PLACE["pastes"]
     theirs, slow_names = samples(cfg, False, count=36)
     assert_same(theirs, ours, pixels=AFTER_MIXUP)
     assert {"FastMultiImageMixDataset", "FastMosaic"} <= set(fast_names)
     assert not any(n.startswith("Fast") for n in slow_names)  # data.fast_transforms: false gives mmdet's own
     if variant in ("affine_skipped", "not_loading_only", "ignore_empty"):
-        assert skipped == parts == rows == columns == 0
+        assert skipped == parts == rows == columns == placed == 0
     elif variant.endswith("_at_scale"):  # pieces pasted as they are: only the part the warp reads decoded
         assert rows >= 36 * 128 // 4, rows  # a quarter of a main image's rows a sample, on average
         assert columns >= 36 * 128 // 4, columns  # and of its columns
         assert skipped >= 10, skipped
+        assert placed >= 36, placed  # decoded where the mosaic pastes them: nothing to paste
     else:
         assert skipped >= 10, skipped  # a third of the 108 partners or so
         assert parts >= 5, parts  # mosaics made only where the warp reads

@@ -396,18 +396,18 @@ class MosaicPixels:
             scale_i = min(height / h_i, width / w_i)
             img_i = resized(patch["img"], (int(w_i * scale_i), int(h_i * scale_i)))
             pieces.append((patch, scale_i, img_i, *self._mosaic_combine(loc, center, img_i.shape[:2][::-1])))
-        canvas = yolox_fast.shown_canvas(self, shape, img.dtype, pieces)  # only what the next warp reads, pasted
+        canvas, board = yolox_fast.shown_canvas(self, shape, img.dtype, pieces)  # what the next warp reads
         shown = canvas is not None
         if canvas is None:  # made later, only where RandomCrop's window reads it
             canvas = crop_resize.deferred_mosaic(self, shape, img.dtype, pieces)
         pasted = canvas is not None
         if not pasted:
-            canvas = mosaic_canvas(shape, self.pad_val, img.dtype, center, [piece[3] for piece in pieces])
+            canvas = mosaic_canvas(shape, self.pad_val, img.dtype, center, [piece[3] for piece in pieces], board)
         all_boxes, labels, flags, masks = [], [], [], []
         in_numpy = all(plain_boxes(piece[0]["gt_bboxes"]) for piece in pieces)
         for patch, scale_i, img_i, (x1_p, y1_p, x2_p, y2_p), (x1_c, y1_c, x2_c, y2_c) in pieces:
             if not pasted:
-                canvas[y1_p:y2_p, x1_p:x2_p] = img_i[y1_c:y2_c, x1_c:x2_c]
+                paste(canvas[y1_p:y2_p, x1_p:x2_p], img_i[y1_c:y2_c, x1_c:x2_c])
             padw, padh = x1_p - x1_c, y1_p - y1_c
             if in_numpy:  # HorizontalBoxes' rescale_ and translate_, each one float32 operation, in numpy
                 boxes = patch["gt_bboxes"].tensor.numpy() * np.float32(scale_i)
@@ -488,7 +488,18 @@ def paste_inside(out: np.ndarray, top: int, left: int, pieces: Iterable[tuple], 
         x1, y1, x2, y2 = max(px1, left), max(py1, top), min(px2, right), min(py2, bottom)
         if x1 < x2 and y1 < y2:
             rows, cols = slice(cy1 + y1 - py1, cy1 + y2 - py1), slice(cx1 + x1 - px1, cx1 + x2 - px1)
-            out[y1 - top : y2 - top, x1 - left : x2 - left] = img[rows, cols]
+            paste(out[y1 - top : y2 - top, x1 - left : x2 - left], img[rows, cols])
+
+
+def paste(out: np.ndarray, img: np.ndarray) -> None:
+    """``out[...] = img``, nothing where ``img`` is ``out`` (a mosaic piece decoded in its place)."""
+    if out.__array_interface__["data"][0] == img.__array_interface__["data"][0] and out.strides == img.strides:
+        IN_PLACE["pastes"] += 1
+    else:
+        out[...] = img
+
+
+IN_PLACE = {"pastes": 0}  # pastes left out: the piece lay where it goes (yolox_fast.Board)
 
 
 def uncovered(region: tuple[int, int, int, int], rects: Iterable[tuple]) -> list[tuple[int, int, int, int]]:
@@ -511,12 +522,19 @@ def uncovered(region: tuple[int, int, int, int], rects: Iterable[tuple]) -> list
 
 
 def mosaic_canvas(
-    shape: tuple[int, ...], pad_val: Any, dtype: Any, center: tuple[int, int], pastes: list
+    shape: tuple[int, ...],
+    pad_val: Any,
+    dtype: Any,
+    center: tuple[int, int],
+    pastes: list,
+    board: np.ndarray | None = None,
 ) -> np.ndarray:
-    """mmdet's ``np.full(shape, pad_val)`` mosaic canvas, filled only where no image will be pasted.
+    """mmdet's ``np.full(shape, pad_val)`` mosaic canvas, filled only where no image will be pasted
+    (``board``, where given: a canvas some pieces were decoded into, in their places).
 
     The four images go into the four quadrants around ``center``, one each (``_mosaic_combine``);
-    outside that arrangement (a centre off the canvas) the whole canvas is filled, as mmdet does.
+    outside that arrangement (a centre off the canvas) the whole canvas is filled, as mmdet does
+    (a new one: the board's pieces are pasted from it).
     """
     h, w = shape[:2]
     cx, cy = center
@@ -531,7 +549,7 @@ def mosaic_canvas(
     )
     if not inside:
         return np.full(shape, pad_val, dtype=dtype)
-    canvas = np.empty(shape, dtype=dtype)
+    canvas = np.empty(shape, dtype=dtype) if board is None else board
     for (r0, r1, c0, c1), (x1, y1, x2, y2) in zip(quadrants, pastes, strict=True):
         for top, bottom, left, right in ((r0, y1, c0, c1), (y2, r1, c0, c1), (y1, y2, c0, x1), (y1, y2, x2, c1)):
             if bottom > top and right > left:

@@ -97,15 +97,25 @@ def decompressor() -> Any:
 
 
 def decode(
-    data: bytes, shape: tuple[int, int], first: int, last: int, left: int = 0, right: int | None = None
+    data: bytes,
+    shape: tuple[int, int],
+    first: int,
+    last: int,
+    left: int = 0,
+    right: int | None = None,
+    out: np.ndarray | None = None,
 ) -> np.ndarray | None:
     """The (height, width, 3) BGR image of ``data`` with rows ``first`` to ``last`` and columns ``left``
     to ``right`` (ends excluded; all columns by default) as ``cv2.imdecode(..., IMREAD_COLOR)`` decodes
     them, the other pixels as decoded near the cut or as allocated (the caller never reads them: a zero
     fill would cost a pass over memory the heap hands back); None where this decoder cannot promise
-    OpenCV's pixels (see the module docstring) or the image is not of ``shape``."""
+    OpenCV's pixels (see the module docstring) or the image is not of ``shape``. Into ``out`` where
+    given (a uint8 view of that shape whose rows may lie apart: a place on a larger canvas); only the
+    rows decoded are written, and in them only columns of the image."""
     right = shape[1] if right is None else right
     if LIBRARY is None or not (0 <= first < last <= shape[0] and 0 <= left < right <= shape[1]):
+        return None
+    if out is not None and (out.shape != (*shape, 3) or out.dtype != np.uint8 or out.strides[1:] != (3, 1)):
         return None
     tj = decompressor()
     if LIBRARY.tj3DecompressHeader(tj, data, len(data)) != 0:
@@ -118,9 +128,9 @@ def decode(
     x, end = columns_decoded(left, right, width, LIBRARY.tj3Get(tj, TJPARAM_SUBSAMP))
     if LIBRARY.tj3SetCroppingRegion(tj, Region(x, first, end - x, last - first)) != 0:
         return None
-    img = np.empty((height, width, 3), dtype=np.uint8)
+    img = np.empty((height, width, 3), dtype=np.uint8) if out is None else out
     band = img[first:last, x:end]
-    if LIBRARY.tj3Decompress8(tj, data, len(data), band.ctypes.data, width * 3, TJPF_BGR) != 0:
+    if LIBRARY.tj3Decompress8(tj, data, len(data), band.ctypes.data, img.strides[0], TJPF_BGR) != 0:
         return None  # an error or a warning (a damaged stream): OpenCV decides, as for mmdet
     return img
 

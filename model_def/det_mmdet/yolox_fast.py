@@ -23,6 +23,9 @@ already read for the header: each file is read once). A corrupt image, or a corr
 that is never shown is not noticed, where mmdet's decode would fail on it. Where that part is under
 half the mosaic, :func:`shown_canvas` has ``FastMosaic`` fill and paste only inside it (checked to
 be the call foreseen: numpy's random state is where the look ahead left it after the mosaic's draws).
+The parts of images pasted unresized (COCO's, at most 640 a side, into YOLOX's 640 mosaics) are
+decoded straight into their places on the canvas, a :class:`Board` with room around it for the parts
+of pieces that lie off it, so that the mosaic has nothing to paste (1.3 MB a YOLOX-tiny sample here).
 
 The warp itself is ``cv2.warpAffine`` on the first two rows of ``RandomAffine``'s matrix (its last
 row is exactly ``(0, 0, 1)``) where this OpenCV gives ``cv2.warpPerspective``'s pixels that way
@@ -45,6 +48,7 @@ from __future__ import annotations
 import ctypes
 import inspect
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import cv2
@@ -87,8 +91,9 @@ def first_sample(wrapper: Any, index: int, take: Any) -> dict:
         put_back(state)
     if shown is None or shown == "none":  # the whole image: warped itself, or not knowable ahead
         return take(wrapper.dataset[index])
-    wrapper.shown_ahead = (mosaic, drawn, shown)
-    return partner(wrapper.dataset, mosaic, index, fast_transforms.MOSAIC_LOCATIONS[0], shown)
+    board = mosaic_board(mosaic, shown[4:6])
+    wrapper.shown_ahead = (mosaic, drawn, shown, board)
+    return partner(wrapper.dataset, mosaic, index, fast_transforms.MOSAIC_LOCATIONS[0], shown, board)
 
 
 def partners(wrapper: Any, transform: Any, indexes: list[int], take: Any) -> list[dict]:
@@ -96,44 +101,49 @@ def partners(wrapper: Any, transform: Any, indexes: list[int], take: Any) -> lis
     ``indexes`` loaded, of a ``FastMosaic``'s partners only the part the following warp reads."""
     ahead = wrapper.__dict__.pop("shown_ahead", None)
     if ahead is not None and ahead[0] is transform and same_stream(ahead[1], numpy_stream()):
-        shown = ahead[2]
-    else:
-        shown = shown_region(wrapper, transform)
+        shown, board = ahead[2:]
+    else:  # (the first piece, if placed, is pasted from where it lies)
+        shown, board = shown_region(wrapper, transform), None
     transform.__dict__.pop("shown_hint", None)
     if shown is None:
         return [take(wrapper.dataset[index]) for index in indexes]
-    if shown != "none":
-        transform.shown_hint = shown[6:]  # (numpy's random state after the mosaic's draws, the part read)
-    return [partner(wrapper.dataset, transform, index, loc, shown) for index, loc in zip(indexes, LOCS, strict=True)]
+    if shown != "none":  # numpy's random state after the mosaic's draws, the part read, the pieces' board
+        transform.shown_hint = (*shown[6:], board)
+    return [partner(wrapper.dataset, transform, i, loc, shown, board) for i, loc in zip(indexes, LOCS, strict=True)]
 
 
 LOCS = fast_transforms.MOSAIC_LOCATIONS[1:]  # where the three partners go
 
 
-def partner(dataset: Any, mosaic: Any, index: int, loc: str, shown: Any) -> dict:
+def partner(dataset: Any, mosaic: Any, index: int, loc: str, shown: Any, board: Board | None = None) -> dict:
     """``dataset[index]`` (its pipeline on its annotations), the image decoded from the bytes read for
-    its frame header (not read twice) by :func:`piece_image`."""
+    its frame header (not read twice) by :func:`piece_image`, where it can be into its place on
+    ``board``."""
     results = dataset.get_data_info(index)
     load = dataset.pipeline.transforms[0]
     data = mmengine.fileio.get(results["img_path"], backend_args=load.backend_args)
-    results["img"] = piece_image(data, results["img_path"], load, part_read(mosaic, loc, data, shown))
+    part = part_read(mosaic, loc, data, shown)
+    out = None if board is None or part is None else board.place(mosaic, loc, shown[4:6], part[4:6])
+    results["img"] = piece_image(data, results["img_path"], load, part, out)
     results["img_shape"] = results["ori_shape"] = results["img"].shape[:2]
     for t in dataset.pipeline.transforms[1:]:
         results = t(results)
     return results
 
 
-def piece_image(data: bytes, path: str, load: Any, part: tuple[int, ...] | None) -> np.ndarray:
+def piece_image(
+    data: bytes, path: str, load: Any, part: tuple[int, ...] | None, out: np.ndarray | None = None
+) -> np.ndarray:
     """The image ``LoadImageFromFile`` decodes from ``data``, where of the image of ``part[4:]`` (height,
     width) only rows ``part[0]`` to ``part[1]`` and columns ``part[2]`` to ``part[3]`` are read later:
-    those decoded (:mod:`jpeg_rows`), the others left as allocated (never read). ``part`` None: all
-    of it, by OpenCV."""
+    those decoded (:mod:`jpeg_rows`), into ``out`` where given (its place on a :class:`Board`), the
+    others left as they are (never read). ``part`` None: all of it, by OpenCV."""
     if part is not None:
         first, last, left, right, height, width = part
         if first >= last or left >= right:
             SKIPPED["decodes"] += 1
-            return np.empty((height, width, 3), dtype=np.uint8)
-        img = jpeg_rows.decode(data, (height, width), first, last, left, right)
+            return np.empty((height, width, 3), dtype=np.uint8) if out is None else out
+        img = jpeg_rows.decode(data, (height, width), first, last, left, right, out=out)
         if img is not None:
             SKIPPED["rows"] += height - (last - first)
             SKIPPED["columns"] += width - (right - left)
@@ -311,22 +321,73 @@ def exif_orientation(block: bytes) -> int | None:
     return 1
 
 
-def shown_canvas(mosaic: Any, shape: tuple[int, ...], dtype: Any, pieces: list) -> np.ndarray | None:
-    """A mosaic canvas made only where the next warp reads it: the pieces' pixels pasted there, the pad
-    colour where none goes (the rest left as allocated; the warp never reads it). For a ``FastMosaic``
+def shown_canvas(
+    mosaic: Any, shape: tuple[int, ...], dtype: Any, pieces: list
+) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """(A mosaic canvas made only where the next warp reads it, or None; the canvas of the pieces'
+    :class:`Board`, or None). The first: the pieces' pixels pasted there (those decoded in place stay),
+    the pad colour where none goes (the rest as it is; the warp never reads it), for a ``FastMosaic``
     whose :func:`partners` worked out that part for this very call (numpy's random state is where it
-    was foreseen after the mosaic's draws) and where the part is under half the canvas; else None."""
+    was foreseen after the mosaic's draws) and where the part is under half the canvas. The second,
+    for such a call, whatever the part's size."""
     hint = mosaic.__dict__.pop("shown_hint", None)
     if hint is None or len(shape) != 3 or not same_stream(hint[0], numpy_stream()):
-        return None
+        return None, None
+    board = hint[2].canvas() if hint[2] is not None else None
+    board = board if board is not None and board.shape == tuple(shape) and board.dtype == dtype else None
     x1, y1, x2, y2 = hint[1]
     x1, y1, x2, y2 = max(x1, 0), max(y1, 0), min(x2, shape[1]), min(y2, shape[0])
     if max(x2 - x1, 0) * max(y2 - y1, 0) * 2 > shape[0] * shape[1]:
-        return None
-    canvas = np.empty(shape, dtype=dtype)
+        return None, board
+    canvas = np.empty(shape, dtype=dtype) if board is None else board
     fast_transforms.paste_inside(canvas[y1:y2, x1:x2], y1, x1, [piece[2:] for piece in pieces], mosaic.pad_val)
     SKIPPED["canvases"] += 1
-    return canvas
+    return canvas, board
+
+
+@dataclass(frozen=True)
+class Board:
+    """A mosaic canvas (``whole[top:top + shape[0], left:left + shape[1]]``) inside a larger array with
+    room around it for the parts of the four pieces that lie off the canvas, so that each piece's whole
+    image has a place in it (:meth:`place`) and is decoded there: ``FastMosaic`` then has nothing to
+    paste (a piece's place is where it would paste it; the four places are the four quadrants around
+    the centre, apart)."""
+
+    whole: np.ndarray
+    top: int
+    left: int
+    shape: tuple[int, int, int]
+
+    def canvas(self) -> np.ndarray:
+        return self.whole[self.top : self.top + self.shape[0], self.left : self.left + self.shape[1]]
+
+    def place(self, mosaic: Any, loc: str, center: tuple[int, int], size: tuple[int, int]) -> np.ndarray | None:
+        """Where on the board ``mosaic`` pastes an image of ``size`` (height, width) at ``loc``: the
+        view of its whole image's place; None where the mosaic resizes it or it would not fit."""
+        height, width = size
+        out_w, out_h = mosaic.img_scale
+        scale = min(out_h / height, out_w / width)
+        if (int(width * scale), int(height * scale)) != (width, height):
+            return None
+        (x1, y1, _, _), (cut_x1, cut_y1, _, _) = mosaic._mosaic_combine(loc, center, (width, height))
+        row, column = self.top + y1 - cut_y1, self.left + x1 - cut_x1  # the image's top-left corner
+        if row < 0 or column < 0 or row + height > self.whole.shape[0] or column + width > self.whole.shape[1]:
+            return None
+        return self.whole[row : row + height, column : column + width]
+
+
+def mosaic_board(mosaic: Any, center: tuple[int, int]) -> Board | None:
+    """The :class:`Board` of a ``FastMosaic``'s uint8 colour canvas around ``center``, with room for pieces
+    up to its ``img_scale`` (the size it scales each to at most); None for a centre off the canvas."""
+    width, height = mosaic.img_scale
+    shape = (int(height * 2), int(width * 2), 3)
+    cx, cy = center
+    if not (0 <= cx <= shape[1] and 0 <= cy <= shape[0]):
+        return None
+    top, left = math.ceil(max(height - cy, 0)), math.ceil(max(width - cx, 0))
+    bottom, right = math.ceil(max(cy + height - shape[0], 0)), math.ceil(max(cx + width - shape[1], 0))
+    whole = np.empty((shape[0] + top + bottom, shape[1] + left + right, 3), dtype=np.uint8)
+    return Board(whole, top, left, shape)
 
 
 def numpy_stream() -> bytes | None:
