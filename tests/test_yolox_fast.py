@@ -248,6 +248,38 @@ def test_partners_redo_the_look_ahead_where_numpy_drew_in_between(turned_coco):
         assert (now[:6] != foreseen[:6]) == disturbed  # (the draws did move: the check is what redid it)
 
 
+@pytest.mark.parametrize("disturbed", [False, True])
+def test_the_warp_takes_the_matrix_the_look_ahead_drew_where_the_stream_is_the_same(monkeypatch, disturbed):
+    """``FastRandomAffine.drawn_matrix``: after the look-ahead (``drawn_region``, numpy's state put back)
+    and the mosaic's own draws, the warp's matrix is the one foreseen, not drawn again, and numpy's stream
+    goes on from where mmdet's draw leaves it; after a draw nobody foresaw, it is drawn (mmdet's)."""
+    mosaic = F.FastMosaic(img_scale=(640, 640))
+    affine = Y.FastRandomAffine(scaling_ratio_range=(0.5, 1.5), border=(-320, -320))
+
+    def mosaic_draws():  # FastMosaic's, in its order: whether to mix, then the centre
+        np.random.uniform(0, 1)
+        np.random.uniform(*mosaic.center_ratio_range)
+        np.random.uniform(*mosaic.center_ratio_range)
+        if disturbed:
+            np.random.uniform(0, 1)
+
+    np.random.seed(4)
+    mosaic_draws()
+    wanted = affine._get_random_homography_matrix(640, 640)
+    after = np.random.random(3)
+    np.random.seed(4)
+    state = Y.saved_stream()
+    assert Y.drawn_region(mosaic, affine) not in (None, "none")
+    Y.put_back(state)
+    mosaic_draws()
+    drawn = []
+    mmdets = affine._get_random_homography_matrix
+    monkeypatch.setattr(affine, "_get_random_homography_matrix", lambda h, w: drawn.append(1) or mmdets(h, w))
+    assert np.array_equal(affine.drawn_matrix(640, 640), wanted)
+    assert np.array_equal(np.random.random(3), after)
+    assert len(drawn) == disturbed
+
+
 def test_the_warp_reads_nothing_outside_read_region():
     """Pixels outside ``read_region`` changed, the warped image stays the same (YOLOX-s sizes and matrices)."""
     rng = np.random.default_rng(16)

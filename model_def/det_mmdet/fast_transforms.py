@@ -628,18 +628,18 @@ class FastYOLOXHSVRandomAug(mmdet_transforms.YOLOXHSVRandomAug):
     def _shift(self, img: np.ndarray, gains: np.ndarray) -> None:
         """mmdet's HSV round trip and shifts on ``img`` (a view: rows of contiguous pixels), in place."""
         hsv = cv2.cvtColor(img, cv2.COLOR_BGR2HSV)
-        shifts = gains[1:].astype(np.int32)
-        if np.abs(shifts).max() > self.NO_WRAP:
-            tabled = np.flatnonzero(gains)
+        hue, *shifts = gains.tolist()  # Python ints: numpy's calls on three numbers cost more than the adds
+        if max(abs(shift) for shift in shifts) > self.NO_WRAP:
+            tabled = [channel for channel, gain in enumerate((hue, *shifts)) if gain]
         else:  # 8-bit scalars: OpenCV's vector path (others are 100x slower)
-            up, down = np.clip(shifts, 0, 255).tolist(), np.clip(-shifts, 0, 255).tolist()
+            up, down = [min(max(v, 0), 255) for v in shifts], [min(max(-v, 0), 255) for v in shifts]
             if any(up):
                 cv2.add(hsv, (0, *up, 0), dst=hsv)
             if any(down):
                 cv2.subtract(hsv, (0, *down, 0), dst=hsv)
-            tabled = [0] if gains[0] else []
+            tabled = [0] if hue else []
         for channel in tabled:
-            self._shift_by_table(hsv, int(channel), gains[channel])
+            self._shift_by_table(hsv, channel, gains[channel])
         out = cv2.cvtColor(hsv, cv2.COLOR_HSV2BGR, dst=img)  # in place, as mmdet's
         if out.ctypes.data != img.ctypes.data:  # (OpenCV's binding made its own array)
             img[...] = out

@@ -223,6 +223,8 @@ def drawn_region(mosaic: Any, affine: Any) -> Any:
     drawn = numpy_stream()  # where FastMosaic will be after its draws
     out_h, out_w = int(height * 2) + affine.border[1] * 2, int(width * 2) + affine.border[0] * 2
     matrix = affine._get_random_homography_matrix(out_h, out_w)
+    if isinstance(affine, FastRandomAffine):  # its draw, made: kept for it (FastRandomAffine.drawn_matrix)
+        affine.foreseen = (drawn, numpy_stream(), (out_h, out_w), matrix)
     if out_h <= 0 or out_w <= 0 or not np.array_equal(matrix[2], AFFINE_ROW):
         return None
     region = read_region(matrix, out_w, out_h)
@@ -463,7 +465,7 @@ class FastRandomAffine(mmdet_transforms.RandomAffine):
             return super().transform(results)
         img = results["img"]
         height, width = img.shape[0] + self.border[1] * 2, img.shape[1] + self.border[0] * 2
-        matrix = self._get_random_homography_matrix(height, width)
+        matrix = self.drawn_matrix(height, width)
         note = pad_outside.note_for(img)
         if note is not None and height > 0 and width > 0 and self.pad_note_holds(note, matrix, img):
             rect = pad_outside.warped_rect(matrix, note.rect, (width, height))
@@ -481,6 +483,16 @@ class FastRandomAffine(mmdet_transforms.RandomAffine):
             results["gt_bboxes_labels"] = results["gt_bboxes_labels"][inside]
             results["gt_ignore_flags"] = results["gt_ignore_flags"][inside]
         return results
+
+    def drawn_matrix(self, height: int, width: int) -> np.ndarray:
+        """mmdet's ``_get_random_homography_matrix(height, width)``: the one the look-ahead drew
+        (:func:`drawn_region`) where it drew this very draw (numpy's stream where it was then, the same
+        size), the stream then moved on to where that draw left it; else drawn."""
+        ahead = self.__dict__.pop("foreseen", None)
+        if ahead is not None and ahead[2] == (height, width) and same_stream(ahead[0], numpy_stream()):
+            put_back(ahead[1])
+            return ahead[3]
+        return self._get_random_homography_matrix(height, width)
 
     def warped_above(
         self, img: np.ndarray, matrix: np.ndarray, size: tuple[int, int], rows: int, pad: tuple[int, int, int]
