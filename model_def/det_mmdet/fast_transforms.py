@@ -15,7 +15,8 @@ mmdet's own ``get_indexes`` and ``_get_hsv_gains``), and outputs equal bit for b
     Mosaic, CachedMosaic no deep copies of the four samples (boxes are cloned, images only read), no
                          resize of an image already at its mosaic size (OpenCV copies those), the
                          canvas filled only where no image goes, and made only where the next step
-                         reads it (YOLOX's warp: ``yolox_fast``; RTMDet's crop: ``crop_resize``)
+                         reads it (YOLOX's warp: ``yolox_fast``, whose pieces are decoded in their
+                         places on the canvas; RTMDet's crop: ``crop_resize``)
     the cached ones      cache copies of what they read back (image, boxes, labels, flags, masks),
                          not of the whole sample (mmdet's caches hold every polygon of ``instances``)
     YOLOXHSVRandomAug    the hue/saturation/value shifts by lookup tables instead of int16 arrays,
@@ -24,7 +25,8 @@ mmdet's own ``get_indexes`` and ``_get_hsv_gains``), and outputs equal bit for b
                          outside (``pad_outside``)
     RandomAffine         the warp's boxes moved in numpy around torch's own matrix product
                          (``yolox_fast.FastRandomAffine``); rows below the mosaic's pictures filled
-                         with the pad instead of warped
+                         with the pad instead of warped; ``cv2.warpAffine`` where it gives mmdet's
+                         ``cv2.warpPerspective`` pixels (OpenCV 4.11 and later, checked once)
     PackDetInputs        the image made channels-first by ``cv2.split`` instead of torch's permute (a
                          mirrored view split from the array it views, each plane mirrored back in place)
     Resize, RandomFlip   bitmap masks resized / mirrored into one array (``BitmapMasks`` copies every
