@@ -347,7 +347,7 @@ def shown_canvas(
     return canvas, board
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # (an array inside: compared and hashed as the object it is)
 class Board:
     """A mosaic canvas (``whole[top:top + shape[0], left:left + shape[1]]``) inside a larger array with
     room around it for the parts of the four pieces that lie off the canvas, so that each piece's whole
